@@ -1,0 +1,110 @@
+"""Every setting comes from the environment; a bad value stops the process with the setting's name."""
+
+from __future__ import annotations
+
+import zoneinfo
+from datetime import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Environment = Literal["development", "test", "production"]
+
+
+class SettingsError(RuntimeError):
+    """Raised at start when the environment holds an invalid setting."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
+
+    database_url: str | None = Field(None, alias="DATABASE_URL")
+    redis_url: str | None = Field(None, alias="REDIS_URL")
+    renova_env: Environment = Field("development", alias="RENOVA_ENV")
+    data_dir: Path = Field(Path(".renova"), alias="RENOVA_DATA_DIR")
+
+    billing_timezone: str = Field("America/Sao_Paulo", alias="BILLING_TIMEZONE")
+    billing_run_at: time = Field(time(6, 0), alias="BILLING_RUN_AT")
+    boleto_lead_days: int = Field(7, ge=1, le=60, alias="BOLETO_LEAD_DAYS")
+    boleto_due_days: int = Field(3, ge=1, le=30, alias="BOLETO_DUE_DAYS")
+    dunning_retry_days: Annotated[tuple[int, ...], NoDecode] = Field(
+        (1, 3, 5, 7), alias="DUNNING_RETRY_DAYS"
+    )
+    boleto_grace_business_days: int = Field(3, ge=0, le=60, alias="BOLETO_GRACE_BUSINESS_DAYS")
+    tick_interval_seconds: float = Field(60.0, gt=0, alias="TICK_INTERVAL_SECONDS")
+
+    sentry_dsn: SecretStr | None = Field(None, alias="SENTRY_DSN")
+    smtp_url: str | None = Field(None, alias="SMTP_URL")
+    mail_from: str = Field("CONECTA Cobrança <cobranca@conecta.example>", alias="MAIL_FROM")
+
+    gateway_url: str = Field("http://127.0.0.1:8700", alias="GATEWAY_URL")
+    gateway_api_key: SecretStr = Field(SecretStr("sk_sandbox"), alias="GATEWAY_API_KEY")
+    gateway_webhook_secret: SecretStr = Field(SecretStr("whsec_sandbox"), alias="GATEWAY_WEBHOOK_SECRET")
+    gateway_connect_timeout: float = Field(2.0, gt=0, alias="GATEWAY_CONNECT_TIMEOUT")
+    gateway_read_timeout: float = Field(10.0, gt=0, alias="GATEWAY_READ_TIMEOUT")
+
+    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field((), alias="RENOVA_API_KEYS")
+    web_host: str = Field("127.0.0.1", alias="WEB_HOST")
+    web_port: int = Field(8000, ge=1, le=65535, alias="WEB_PORT")
+    worker_processes: int = Field(2, ge=1, le=64, alias="WORKER_PROCESSES")
+    worker_threads: int = Field(8, ge=1, le=256, alias="WORKER_THREADS")
+
+    @field_validator("billing_timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+    @field_validator("dunning_retry_days", mode="before")
+    @classmethod
+    def _retry_days(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("dunning_retry_days")
+    @classmethod
+    def _increasing(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(day < 1 for day in value) or list(value) != sorted(set(value)):
+            raise ValueError("must be strictly increasing positive day offsets, e.g. 1,3,5,7")
+        return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("database_url", "redis_url", "smtp_url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @property
+    def allows_future_dates(self) -> bool:
+        """Running a business date after today is only for development and test."""
+        return self.renova_env in ("development", "test")
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = error["loc"][0] if error["loc"] else "?"
+            alias = Settings.model_fields[field].alias if field in Settings.model_fields else field
+            problems.append(f"{alias}: {error['msg']}")
+        raise SettingsError("invalid configuration — " + "; ".join(problems)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()
