@@ -2,11 +2,222 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import time
+import uuid
 from pathlib import Path
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from workers.settings import SettingsError, get_settings
 
 app = typer.Typer(no_args_is_help=True, help="Renova — subscription billing workers for CONECTA.")
+db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic migrations).")
+stack_app = typer.Typer(no_args_is_help=True, help="The embedded development stack (PostgreSQL + Redis).")
+app.add_typer(db_app, name="db")
+app.add_typer(stack_app, name="stack")
+
+console = Console()
+
+
+def fail(message: str, code: int = 1) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+@app.callback()
+def main() -> None:
+    """Load the configuration first, so a bad setting stops every command with a clear message."""
+    try:
+        get_settings()
+    except SettingsError as exc:
+        fail(str(exc), code=2)
+
+
+# --- database --------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) -> None:
+    """Apply the migrations up to REVISION (the `release` process)."""
+    from workers.db import resolved_urls
+    from workers.migrate import upgrade
+
+    url, _ = resolved_urls()
+    upgrade(url, revision)
+    console.print(f"database upgraded to [bold]{revision}[/]")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Show the schema revision of the database."""
+    from workers.db import get_engine
+    from workers.migrate import current_revision
+
+    console.print(current_revision(get_engine()) or "(empty database)")
+
+
+# --- processes -------------------------------------------------------------------------------
+
+
+def runtime_environment() -> dict[str, str]:
+    """The environment for child processes, with the embedded stack's URLs filled in."""
+    from workers.db import resolved_urls
+
+    database_url, redis_url = resolved_urls()
+    return {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url}
+
+
+@app.command()
+def worker(
+    processes: int | None = typer.Option(None, help="Worker processes (default WORKER_PROCESSES)."),
+    threads: int | None = typer.Option(None, help="Threads per process (default WORKER_THREADS)."),
+    queues: list[str] | None = typer.Option(None, "--queue", "-Q", help="Only these queues (repeatable)."),
+) -> None:
+    """Run the Dramatiq workers (the `worker` process)."""
+    settings = get_settings()
+    args = [
+        sys.executable, "-m", "dramatiq", "workers.broker",
+        "--processes", str(processes or settings.worker_processes),
+        "--threads", str(threads or settings.worker_threads),
+    ]
+    if queues:
+        args += ["--queues", *queues]
+    os.execvpe(args[0], args, runtime_environment())
+
+
+@stack_app.command("start")
+def stack_start() -> None:
+    """Start (or reuse) the embedded PostgreSQL and Redis and print their URLs."""
+    from workers.embedded import EmbeddedStack
+
+    stack = EmbeddedStack(get_settings().data_dir)
+    console.print(f"DATABASE_URL={stack.postgres_url()}")
+    console.print(f"REDIS_URL={stack.redis_url()}")
+
+
+@stack_app.command("stop")
+def stack_stop() -> None:
+    """Stop the embedded PostgreSQL and Redis cleanly."""
+    from workers.embedded import EmbeddedStack
+
+    EmbeddedStack(get_settings().data_dir).stop()
+    console.print("embedded stack stopped")
+
+
+# --- diagnostics -----------------------------------------------------------------------------
+
+
+def mask_url(url: str | None) -> str:
+    if not url:
+        return "(embedded)"
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # a Redis URL is not a SQLAlchemy URL, but has the same shape
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        if parts.password:
+            return url.replace(parts.password, "***")
+        return url
+
+
+@app.command()
+def doctor(
+    ping: bool = typer.Option(False, help="Also send a message and wait for a worker to process it."),
+) -> None:
+    """Configuration (secrets masked), PostgreSQL, Redis, schema revision and queues."""
+    from sqlalchemy import text
+
+    settings = get_settings()
+    config = Table(title="Configuration", show_header=True)
+    config.add_column("setting")
+    config.add_column("value")
+    for name, field in settings.model_fields.items():
+        value = getattr(settings, name)
+        if name in ("database_url", "redis_url", "smtp_url"):
+            shown = mask_url(value)
+        elif name == "api_keys":
+            shown = f"{len(value)} key(s)"
+        elif value is None:
+            shown = "(unset)"
+        elif hasattr(value, "get_secret_value"):
+            shown = "***"
+        elif isinstance(value, tuple):
+            shown = ",".join(str(item) for item in value)
+        else:
+            shown = str(value)
+        config.add_row(field.alias or name, shown)
+    console.print(config)
+
+    healthy = True
+    try:
+        from workers.db import get_engine, resolved_urls
+        from workers.migrate import current_revision, head_revision
+
+        database_url, redis_url = resolved_urls()
+        with get_engine().connect() as connection:
+            version = connection.execute(text("SHOW server_version")).scalar()
+        console.print(f"[green]✓[/] PostgreSQL {version} answers at {mask_url(database_url)}")
+        current, head = current_revision(get_engine()), head_revision(database_url)
+        if current == head:
+            console.print(f"[green]✓[/] schema at revision {current} (head)")
+        else:
+            healthy = False
+            console.print(f"[red]✗[/] schema at {current or 'nothing'}, head is {head}: run `renova db upgrade`")
+    except Exception as exc:
+        healthy = False
+        console.print(f"[red]✗[/] PostgreSQL: {exc}")
+        redis_url = None
+
+    if redis_url:
+        try:
+            from workers.queues import queue_depths
+
+            depths = queue_depths(redis_url)
+            console.print(f"[green]✓[/] Redis answers at {mask_url(redis_url)}")
+            queues = Table(title="Queues")
+            for column in ("queue", "ready", "delayed", "dead-letter"):
+                queues.add_column(column)
+            for depth in depths:
+                queues.add_row(depth.queue, str(depth.ready), str(depth.delayed), str(depth.dead))
+            console.print(queues)
+        except Exception as exc:
+            healthy = False
+            console.print(f"[red]✗[/] Redis: {exc}")
+
+    if healthy and ping:
+        healthy = _ping_worker()
+    if not healthy:
+        raise typer.Exit(1)
+    console.print("[bold green]healthy[/]")
+
+
+def _ping_worker(timeout_seconds: float = 15.0) -> bool:
+    from sqlalchemy import select
+
+    from jobs.health import ping
+    from models.schema import AuditEvent
+    from workers import broker as _broker  # noqa: F401 - wires the actors
+    from workers.db import get_session_factory
+
+    token = uuid.uuid4().hex
+    ping.send(token)
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        with get_session_factory()() as session:
+            found = session.scalar(select(AuditEvent.id).where(AuditEvent.target_id == token))
+        if found:
+            console.print("[green]✓[/] a worker processed the ping message")
+            return True
+        time.sleep(0.2)
+    console.print(f"[red]✗[/] no worker processed the ping within {timeout_seconds:.0f}s: is `renova worker` running?")
+    return False
 
 
 @app.command()

@@ -1,0 +1,104 @@
+"""Real PostgreSQL and Redis for the suite: embedded by default, or the servers named by
+TEST_DATABASE_URL / TEST_REDIS_URL. The broker is built here, before any test imports `jobs`."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_DATA_DIR = ROOT / ".renova" / "test"
+
+
+def _test_urls() -> tuple[str, str]:
+    database_url = os.environ.get("TEST_DATABASE_URL")
+    redis_url = os.environ.get("TEST_REDIS_URL")
+    if database_url and redis_url:
+        return database_url, redis_url
+    from workers.embedded import EmbeddedStack
+
+    stack = EmbeddedStack(TEST_DATA_DIR)
+    return database_url or stack.postgres_url("renova_test"), redis_url or stack.redis_url(db=0)
+
+
+_DATABASE_URL, _REDIS_URL = _test_urls()
+os.environ.update(
+    DATABASE_URL=_DATABASE_URL,
+    REDIS_URL=_REDIS_URL,
+    RENOVA_ENV="test",
+    RENOVA_DATA_DIR=str(TEST_DATA_DIR),
+)
+os.environ.pop("SENTRY_DSN", None)
+
+from sqlalchemy import text  # noqa: E402
+from sqlalchemy.orm import Session  # noqa: E402
+
+from workers.broker import broker as _broker  # noqa: E402 - must precede any import of actor modules
+from workers.db import get_engine, get_session_factory, resolved_urls  # noqa: E402
+
+pytest_plugins = ["tests.gateway_fixtures"]
+
+
+def _reset_schema() -> None:
+    from workers.migrate import upgrade
+
+    with get_engine().begin() as connection:
+        connection.execute(text("DROP SCHEMA public CASCADE"))
+        connection.execute(text("CREATE SCHEMA public"))
+    upgrade(resolved_urls()[0])
+
+
+@pytest.fixture(scope="session")
+def migrated_database() -> str:
+    _reset_schema()
+    return resolved_urls()[0]
+
+
+@pytest.fixture
+def clean_database(migrated_database: str) -> None:
+    from models.base import Base
+
+    tables = ", ".join(f'"{table.name}"' for table in Base.metadata.sorted_tables)
+    with get_engine().begin() as connection:
+        connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+
+
+@pytest.fixture
+def session(clean_database: None) -> Iterator[Session]:
+    with get_session_factory()() as db_session:
+        yield db_session
+
+
+@pytest.fixture
+def broker():
+    _broker.flush_all()
+    _broker.client.flushdb()
+    for queue in list(_broker.get_declared_queues()):
+        _broker.declare_queue(queue)
+    return _broker
+
+
+@pytest.fixture
+def worker(broker, clean_database: None) -> Iterator[object]:
+    import dramatiq
+
+    running = dramatiq.Worker(broker, worker_threads=4, worker_timeout=100)
+    running.start()
+    yield running
+    running.stop()
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 15.0, interval: float = 0.05) -> object:
+    """Poll until `predicate()` is truthy; fail the test with the last value after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout}s (last value: {value!r})")
+        time.sleep(interval)

@@ -1,0 +1,70 @@
+"""A real message through Redis, processed by a real Dramatiq worker, writing through the
+per-message session; and a failing actor retried, then parked in the dead-letter queue."""
+
+from __future__ import annotations
+
+import dramatiq
+from sqlalchemy import func, select
+
+from jobs.context import current_session
+from jobs.health import ping
+from jobs.retries import retry_transient
+from models.schema import AuditEvent
+from tests.conftest import wait_until
+from workers.db import get_session_factory
+from workers.queues import queue_depths
+
+ATTEMPTS: list[int] = []
+
+
+class FlakyInfrastructure(ConnectionError):
+    pass
+
+
+@dramatiq.actor(queue_name="billing", max_retries=2, min_backoff=10, max_backoff=20)
+def always_fails(note: str) -> None:
+    # The session is bound and the row is written, but the failure rolls it back.
+    current_session().add(AuditEvent(actor="test", action="always_fails", target_id=note))
+    ATTEMPTS.append(1)
+    raise RuntimeError("boom")
+
+
+@dramatiq.actor(queue_name="billing", retry_when=retry_transient(1), min_backoff=10, max_backoff=20)
+def fails_with_a_bug(note: str) -> None:
+    ATTEMPTS.append(1)
+    raise KeyError(note)
+
+
+def count(action: str) -> int:
+    with get_session_factory()() as session:
+        return session.scalar(select(func.count()).where(AuditEvent.action == action)) or 0
+
+
+def test_message_through_redis_writes_through_the_message_session(worker, broker):
+    ping.send("token-1")
+    row = wait_until(lambda: count("worker.ping"))
+    assert row == 1
+    with get_session_factory()() as session:
+        event = session.scalars(select(AuditEvent)).one()
+    assert (event.actor, event.target_id) == ("worker", "token-1")
+
+
+def test_failing_actor_is_retried_then_dead_lettered(worker, broker):
+    ATTEMPTS.clear()
+    always_fails.send("x")
+    dead = wait_until(lambda: queue_depths(broker_url(broker), ("billing",))[0].dead)
+    assert dead == 1
+    assert len(ATTEMPTS) == 3  # the first try and two retries
+    assert count("always_fails") == 0  # each failed attempt was rolled back
+
+
+def test_a_bug_is_not_retried_but_dead_lettered_at_once(worker, broker):
+    ATTEMPTS.clear()
+    fails_with_a_bug.send("y")
+    wait_until(lambda: queue_depths(broker_url(broker), ("billing",))[0].dead)
+    assert len(ATTEMPTS) == 1
+
+
+def broker_url(broker) -> str:
+    kwargs = broker.client.connection_pool.connection_kwargs
+    return f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"

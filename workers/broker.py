@@ -1,0 +1,99 @@
+"""The Redis broker with Renova's middleware and actors. `dramatiq workers.broker` imports this in
+every worker process; any other process that sends messages imports it too."""
+
+from __future__ import annotations
+
+import dramatiq
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.middleware import (
+    AgeLimit,
+    Callbacks,
+    CurrentMessage,
+    Pipelines,
+    Retries,
+    ShutdownNotifications,
+    TimeLimit,
+)
+
+import jobs
+from jobs.context import BillingConfig, Runtime, configure
+from workers.db import get_session_factory, resolved_urls
+from workers.middleware import DatabaseSession
+from workers.queues import QUEUES
+from workers.settings import Settings, get_settings
+
+# Dramatiq's default is 20 retries over about a month; billing work is retried briefly and then
+# parked in the dead-letter queue for a person to look at. Actors narrow this further.
+DEFAULT_MAX_RETRIES = 5
+DEFAULT_MIN_BACKOFF_MS = 1_000
+DEFAULT_MAX_BACKOFF_MS = 300_000
+TIME_LIMIT_MS = 10 * 60 * 1000
+
+
+def billing_config(settings: Settings) -> BillingConfig:
+    return BillingConfig(
+        timezone=settings.billing_timezone,
+        boleto_lead_days=settings.boleto_lead_days,
+        boleto_due_days=settings.boleto_due_days,
+        dunning_retry_days=settings.dunning_retry_days,
+        boleto_grace_business_days=settings.boleto_grace_business_days,
+    )
+
+
+def init_sentry(settings: Settings) -> None:
+    """Before the broker is built: Sentry's Dramatiq integration patches `Broker.__init__`."""
+    if settings.sentry_dsn is None:
+        return
+    import sentry_sdk
+    from sentry_sdk.integrations.dramatiq import DramatiqIntegration
+
+    from workers.observability import scrub_event
+
+    sentry_sdk.init(
+        dsn=settings.sentry_dsn.get_secret_value(),
+        environment=settings.renova_env,
+        integrations=[DramatiqIntegration()],
+        before_send=scrub_event,
+        send_default_pii=False,
+    )
+
+
+def build_broker(redis_url: str) -> RedisBroker:
+    middleware = [
+        AgeLimit(),
+        TimeLimit(time_limit=TIME_LIMIT_MS),
+        ShutdownNotifications(),
+        Callbacks(),
+        Pipelines(),
+        Retries(
+            max_retries=DEFAULT_MAX_RETRIES,
+            min_backoff=DEFAULT_MIN_BACKOFF_MS,
+            max_backoff=DEFAULT_MAX_BACKOFF_MS,
+        ),
+        CurrentMessage(),
+        DatabaseSession(get_session_factory()),
+    ]
+    broker = RedisBroker(url=redis_url, middleware=middleware)
+    for queue in QUEUES:
+        broker.declare_queue(queue)
+    return broker
+
+
+def gateway_factory():
+    from gateways.http import HttpGateway
+
+    return HttpGateway.from_settings(get_settings())
+
+
+def setup() -> RedisBroker:
+    settings = get_settings()
+    init_sentry(settings)
+    _, redis_url = resolved_urls()
+    broker = build_broker(redis_url)
+    dramatiq.set_broker(broker)
+    configure(Runtime(get_session_factory(), gateway_factory, billing_config(settings)))
+    jobs.register_actors()
+    return broker
+
+
+broker = setup()

@@ -1,0 +1,50 @@
+"""Dramatiq middleware of the runtime."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dramatiq
+from dramatiq.middleware import Middleware
+from sqlalchemy.orm import Session, sessionmaker
+
+from jobs.context import bind_session
+
+_SESSION_OPTION = "_renova_session"
+
+
+class DatabaseSession(Middleware):
+    """One database session per message: opened before the actor runs, committed when it returns,
+    rolled back when it raises, and always closed."""
+
+    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+        self.session_factory = session_factory
+        self._sessions: dict[str, Session] = {}
+
+    def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+        session = self.session_factory()
+        self._sessions[message.message_id] = session
+        bind_session(session)
+
+    def after_process_message(
+        self,
+        broker: dramatiq.Broker,
+        message: dramatiq.Message,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        session = self._sessions.pop(message.message_id, None)
+        bind_session(None)
+        if session is None:
+            return
+        try:
+            if exception is None:
+                session.commit()
+            else:
+                session.rollback()
+        finally:
+            session.close()
+
+    def after_skip_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+        self.after_process_message(broker, message, exception=RuntimeError("skipped"))
