@@ -9,12 +9,19 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from email.message import EmailMessage
+from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
 if TYPE_CHECKING:
     from gateways.base import Gateway
+
+
+class Mailer(Protocol):
+    """Delivers one e-mail; raises on a transient failure so the message is retried."""
+
+    def send(self, message: EmailMessage) -> None: ...
 
 
 
@@ -34,6 +41,8 @@ class Runtime:
     session_factory: sessionmaker[Session]
     gateway_factory: Callable[[], Gateway]
     config: BillingConfig = field(default_factory=BillingConfig)
+    mailer_factory: Callable[[], Mailer] | None = None
+    mail_from: str = "CONECTA Cobrança <cobranca@conecta.example>"
 
 
 _runtime: Runtime | None = None
