@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-ACTOR_MODULES: tuple[str, ...] = ("jobs.health",)
+ACTOR_MODULES: tuple[str, ...] = ("jobs.health", "jobs.notifications", "jobs.payments", "jobs.billing_day")
 
 
 def require_broker() -> None:

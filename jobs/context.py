@@ -24,8 +24,6 @@ class Mailer(Protocol):
     def send(self, message: EmailMessage) -> None: ...
 
 
-
-
 @dataclass(frozen=True)
 class BillingConfig:
     timezone: str = "America/Sao_Paulo"
@@ -34,6 +32,7 @@ class BillingConfig:
     dunning_retry_days: tuple[int, ...] = (1, 3, 5, 7)
     boleto_grace_business_days: int = 3
     product: str = "conecta"
+    allow_future_dates: bool = True
 
 
 @dataclass

@@ -226,6 +226,9 @@ class Charge(Timestamped, Base):
     idempotency_key: Mapped[str] = mapped_column(String(64), unique=True)
     amount_cents: Mapped[int]
     card_id: Mapped[int | None] = mapped_column(ForeignKey("cards.id"))
+    # The gateway token this attempt used: a replay of its idempotency key must send the same body,
+    # even after the organization replaced its card.
+    card_token: Mapped[str] = mapped_column(Text)
     card_last4: Mapped[str | None] = mapped_column(String(4))
     status: Mapped[str] = mapped_column(String(16), server_default=ChargeStatus.PENDING.value)
     gateway_id: Mapped[str | None] = mapped_column(Text)

@@ -18,6 +18,7 @@ from dramatiq.middleware import (
 import jobs
 from jobs.context import BillingConfig, Runtime, configure
 from workers.db import get_session_factory, resolved_urls
+from workers.mail import mailer_from_settings
 from workers.middleware import DatabaseSession
 from workers.queues import QUEUES
 from workers.settings import Settings, get_settings
@@ -37,6 +38,7 @@ def billing_config(settings: Settings) -> BillingConfig:
         boleto_due_days=settings.boleto_due_days,
         dunning_retry_days=settings.dunning_retry_days,
         boleto_grace_business_days=settings.boleto_grace_business_days,
+        allow_future_dates=settings.allows_future_dates,
     )
 
 
@@ -91,7 +93,15 @@ def setup() -> RedisBroker:
     _, redis_url = resolved_urls()
     broker = build_broker(redis_url)
     dramatiq.set_broker(broker)
-    configure(Runtime(get_session_factory(), gateway_factory, billing_config(settings)))
+    configure(
+        Runtime(
+            get_session_factory(),
+            gateway_factory,
+            billing_config(settings),
+            mailer_factory=lambda: mailer_from_settings(settings),
+            mail_from=settings.mail_from,
+        )
+    )
     jobs.register_actors()
     return broker
 

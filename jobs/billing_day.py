@@ -1,0 +1,452 @@
+"""The daily billing run: the clock's `tick`, the scan of what is due on a business date, and the
+fan-out of that work in chunks.
+
+Everything a run does is derived from the database: the scan finds due rows with indexed set
+queries using `<=` (a missed day is caught up by the next run), handlers re-check each row under a
+lock (a duplicated message finds nothing to do), and `tick` re-scans until nothing is left.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+
+import dramatiq
+from sqlalchemy import Select, and_, func, literal, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+import jobs
+from gateways.base import Gateway
+from jobs import dunning, renewals
+from jobs.context import BillingConfig, current_session, runtime
+from jobs.outbox import send_after_commit
+from jobs.payments import reconcile_charges, unresolved_charge_ids
+from jobs.renewals import Work
+from jobs.retries import STANDARD
+from models.calendar import latest_due_run_date, local_today
+from models.schema import BillingRun, Boleto, Charge, GatewayEvent, Invoice, Notification, Subscription
+from models.states import BoletoStatus, ChargeStatus, Cycle, InvoiceKind, InvoiceStatus, PaymentMethod
+
+jobs.require_broker()
+logger = logging.getLogger(__name__)
+
+CHUNK_SIZE = 200
+# A run is re-scanned when this long has passed since its last scan and work is still due.
+RESCAN_AFTER = timedelta(minutes=5)
+# After this many scans a run is closed even if some rows keep failing (they stay visible and
+# due, so later runs pick them up again), so that one bad row never blocks the next dates.
+MAX_SCANS = 12
+STALE_WORK = timedelta(minutes=1)
+
+Handler = Callable[[Session, int, Work], None]
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    scan: Callable[[date, BillingConfig], Select[Any]]
+    handle: Handler
+    # Python-side refinement of a scan whose rule the SQL cannot express (business days).
+    keep: Callable[[Session, list[int], date, BillingConfig], list[int]] | None = None
+
+
+# --- scans -----------------------------------------------------------------------------------------
+
+_billed = and_(Subscription.status != "canceled", Subscription.status != "suspended")
+
+
+def scan_boletos_to_issue(on: date, config: BillingConfig) -> Select[Any]:
+    renewal_invoiced = (
+        select(Invoice.id)
+        .where(
+            Invoice.subscription_id == Subscription.id,
+            Invoice.kind == InvoiceKind.RENEWAL,
+            Invoice.period_start == Subscription.current_period_end,
+        )
+        .exists()
+    )
+    due_renewals = select(Subscription.id).where(
+        Subscription.status != "canceled",
+        Subscription.status != "suspended",
+        Subscription.cycle == Cycle.ANNUAL,
+        func.coalesce(Subscription.pending_payment_method, Subscription.payment_method) == PaymentMethod.BOLETO,
+        Subscription.cancel_at_period_end.is_(False),
+        Subscription.current_period_end <= on + timedelta(days=config.boleto_lead_days),
+        ~renewal_invoiced,
+    )
+    interrupted_issues = select(Invoice.subscription_id).where(
+        Invoice.status == InvoiceStatus.OPEN,
+        Invoice.method == PaymentMethod.BOLETO,
+        ~select(Boleto.id).where(Boleto.invoice_id == Invoice.id).exists(),
+    )
+    return due_renewals.union(interrupted_issues)
+
+
+def scan_renewals(on: date, config: BillingConfig) -> Select[Any]:
+    return select(Subscription.id).where(
+        Subscription.status != "canceled",
+        Subscription.current_period_end <= on,
+        (Subscription.status != "suspended") | Subscription.cancel_at_period_end,
+    )
+
+
+def scan_card_retries(on: date, config: BillingConfig) -> Select[Any]:
+    return select(Charge.invoice_id).where(Charge.next_retry_on.is_not(None), Charge.next_retry_on <= on).distinct()
+
+
+def scan_boletos_overdue(on: date, config: BillingConfig) -> Select[Any]:
+    return select(Boleto.id).where(Boleto.status == BoletoStatus.ISSUED, Boleto.due_date < on)
+
+
+def keep_overdue(session: Session, ids: list[int], on: date, config: BillingConfig) -> list[int]:
+    due_dates = dict(session.execute(select(Boleto.id, Boleto.due_date).where(Boleto.id.in_(ids))).tuples().all())
+    return [boleto_id for boleto_id in ids if dunning.overdue_on(due_dates[boleto_id]) <= on]
+
+
+def scan_boleto_suspensions(on: date, config: BillingConfig) -> Select[Any]:
+    return select(Boleto.id).where(Boleto.status == BoletoStatus.OVERDUE, Boleto.due_date < on)
+
+
+def keep_suspensions(session: Session, ids: list[int], on: date, config: BillingConfig) -> list[int]:
+    rows = session.execute(
+        select(Boleto.id, Boleto.overdue_on, Invoice.status)
+        .join(Invoice, Invoice.id == Boleto.invoice_id)
+        .join(Subscription, Subscription.id == Invoice.subscription_id)
+        .where(Boleto.id.in_(ids), Subscription.status != "suspended")
+    ).all()
+    return [
+        boleto_id
+        for boleto_id, overdue_day, invoice_status in rows
+        if invoice_status == InvoiceStatus.OPEN
+        and overdue_day is not None
+        and dunning.suspend_on(overdue_day, config.boleto_grace_business_days) <= on
+    ]
+
+
+def scan_card_suspensions(on: date, config: BillingConfig) -> Select[Any]:
+    in_flight_or_scheduled = (
+        select(Charge.id)
+        .where(
+            Charge.invoice_id == Invoice.id,
+            Charge.status.in_([ChargeStatus.PENDING, ChargeStatus.UNKNOWN]) | Charge.next_retry_on.is_not(None),
+        )
+        .exists()
+    )
+    return (
+        select(Invoice.id)
+        .join(Subscription, Subscription.id == Invoice.subscription_id)
+        .where(
+            Invoice.status == InvoiceStatus.OPEN,
+            Invoice.method == PaymentMethod.CARD,
+            Invoice.kind == InvoiceKind.RENEWAL,
+            Invoice.due_date <= on - timedelta(days=config.dunning_retry_days[-1]),
+            Subscription.status == "past_due",
+            ~in_flight_or_scheduled,
+        )
+    )
+
+
+def _not_notified(prefix: str, *keys: Any) -> Any:
+    dedupe_key = literal(prefix)
+    for key in keys:
+        dedupe_key = dedupe_key + key
+    return ~select(Notification.id).where(Notification.dedupe_key == dedupe_key).exists()
+
+
+def scan_boleto_reminders(on: date, config: BillingConfig) -> Select[Any]:
+    return select(Boleto.id).where(
+        Boleto.status == BoletoStatus.ISSUED,
+        Boleto.due_date >= on,
+        Boleto.due_date <= on + timedelta(days=renewals.BOLETO_REMINDER_DAYS),
+        _not_notified("boleto_reminder:", func.cast(Boleto.id, literal("").type)),
+    )
+
+
+def scan_renewal_notices(on: date, config: BillingConfig) -> Select[Any]:
+    return select(Subscription.id).where(
+        Subscription.status != "canceled",
+        Subscription.cycle == Cycle.ANNUAL,
+        Subscription.cancel_at_period_end.is_(False),
+        Subscription.current_period_end > on,
+        Subscription.current_period_end <= on + timedelta(days=renewals.RENEWAL_NOTICE_DAYS),
+        _not_notified(
+            "renewal_notice:",
+            func.cast(Subscription.id, literal("").type),
+            literal(":"),
+            func.to_char(Subscription.current_period_end, "YYYY-MM-DD"),
+        ),
+    )
+
+
+# Order matters within a run's first pass: boletos before renewals, renewals before dunning.
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in (
+        Task("issue_boletos", scan_boletos_to_issue, renewals.issue_renewal_boleto),
+        Task("renew", scan_renewals, renewals.renew),
+        Task("retry_charges", scan_card_retries, renewals.retry_charge),
+        Task("boletos_overdue", scan_boletos_overdue, dunning.mark_boleto_overdue, keep_overdue),
+        Task("suspend_boletos", scan_boleto_suspensions, dunning.suspend_for_boleto, keep_suspensions),
+        Task("suspend_cards", scan_card_suspensions, dunning.suspend_for_card),
+        Task("boleto_reminders", scan_boleto_reminders, renewals.send_boleto_reminder),
+        Task("renewal_notices", scan_renewal_notices, renewals.send_renewal_notice),
+    )
+}
+
+
+def due_ids(session: Session, task: Task, on: date, config: BillingConfig) -> list[int]:
+    ids = sorted(session.scalars(task.scan(on, config)).all())
+    if ids and task.keep is not None:
+        ids = task.keep(session, ids, on, config)
+    return ids
+
+
+def scan(session: Session, on: date, config: BillingConfig) -> dict[str, list[int]]:
+    return {name: due_ids(session, task, on, config) for name, task in TASKS.items()}
+
+
+# --- processing a chunk ------------------------------------------------------------------------------
+
+
+@dataclass
+class ChunkResult:
+    done: int
+    failed: list[int]
+
+
+def process_ids(
+    session: Session,
+    task_name: str,
+    ids: Sequence[int],
+    *,
+    on: date,
+    now: datetime,
+    gateway: Gateway,
+    config: BillingConfig,
+) -> ChunkResult:
+    """Run a task's handler over ids, each in its own transaction; a failing id is rolled back and
+    reported, never failing its neighbours. The chunk's card charges go out as one concurrent batch."""
+    task = TASKS[task_name]
+    work = Work(on=on, now=now, config=config, gateway=gateway)
+    failed: list[int] = []
+    for item_id in ids:
+        try:
+            task.handle(session, item_id, work)
+        except Exception:
+            session.rollback()
+            if len(ids) == 1:
+                raise
+            logger.exception("%s failed for id %s on %s; retried on its own", task_name, item_id, on)
+            failed.append(item_id)
+    renewals.settle_charges(session, work)
+    return ChunkResult(work.done, failed)
+
+
+@dramatiq.actor(queue_name="billing", **STANDARD)
+def process_chunk(task_name: str, run_date: str, ids: list[int], now: str) -> None:
+    session = current_session()
+    on = date.fromisoformat(run_date)
+    result = process_ids(
+        session,
+        task_name,
+        ids,
+        on=on,
+        now=datetime.fromisoformat(now),
+        gateway=runtime().gateway_factory(),
+        config=runtime().config,
+    )
+    for failed_id in result.failed:
+        process_chunk.send(task_name, run_date, [failed_id], now)
+    session.execute(
+        update(BillingRun)
+        .where(BillingRun.run_date == on)
+        .values(
+            done_count=BillingRun.done_count + result.done, failed_count=BillingRun.failed_count + len(result.failed)
+        )
+    )
+
+
+# --- a run -------------------------------------------------------------------------------------------
+
+
+class FutureDateRefused(ValueError):
+    pass
+
+
+def claim_run(session: Session, on: date) -> bool:
+    """Claim a business date's run, once across every scheduler: True for the claimer."""
+    claimed = session.scalar(
+        insert(BillingRun)
+        .values(run_date=on)
+        .on_conflict_do_nothing(index_elements=["run_date"])
+        .returning(BillingRun.id)
+    )
+    return claimed is not None
+
+
+def scan_run(session: Session, on: date, now: datetime, config: BillingConfig) -> dict[str, int]:
+    """Scan what is due on `on` and fan it out in chunks (sent after commit); close the run when
+    nothing is due, or after MAX_SCANS. Returns the due counts per task."""
+    if on > local_today(now, config.timezone) and not config.allow_future_dates:
+        raise FutureDateRefused(f"{on.isoformat()} is in the future; refused outside development/test")
+    run = session.scalar(select(BillingRun).where(BillingRun.run_date == on).with_for_update())
+    if run is None:
+        claim_run(session, on)
+        run = session.scalar(select(BillingRun).where(BillingRun.run_date == on).with_for_update())
+        assert run is not None
+    due = scan(session, on, config)
+    counts = {name: len(ids) for name, ids in due.items()}
+    total = sum(counts.values())
+    run.scans += 1
+    run.last_scan_at = now
+    run.counts = {**run.counts, "last_scan": counts}
+    if run.scans == 1:
+        run.due_count = total
+    if total == 0 or run.scans >= MAX_SCANS:
+        run.status = "done"
+        run.finished_at = now
+        if total:
+            logger.warning("run %s closed after %s scans with %s rows still due: %s", on, run.scans, total, counts)
+    else:
+        run.status = "running"
+        for name, ids in due.items():
+            for start in range(0, len(ids), CHUNK_SIZE):
+                send_after_commit(
+                    session, process_chunk, name, on.isoformat(), ids[start : start + CHUNK_SIZE], now.isoformat()
+                )
+    session.commit()
+    return counts
+
+
+@dramatiq.actor(queue_name="billing", **STANDARD)
+def run_billing_day(run_date: str, now: str) -> None:
+    scan_run(current_session(), date.fromisoformat(run_date), datetime.fromisoformat(now), runtime().config)
+
+
+def run_day(
+    session: Session, gateway: Gateway, on: date, now: datetime, config: BillingConfig, *, max_passes: int = 5
+) -> dict[str, int]:
+    """A whole day's run in this thread, without the broker (simulations, replays, tests): the same
+    scans and handlers as the fanned-out run, repeated until nothing is due."""
+    claim_run(session, on)
+    session.commit()
+    totals: dict[str, int] = {name: 0 for name in TASKS}
+    for _ in range(max_passes):
+        due = scan(session, on, config)
+        session.commit()
+        if not any(due.values()):
+            break
+        for name, ids in due.items():
+            if ids:
+                result = process_ids(session, name, ids, on=on, now=now, gateway=gateway, config=config)
+                totals[name] += result.done
+    session.execute(
+        update(BillingRun)
+        .where(BillingRun.run_date == on)
+        .values(status="done", finished_at=now, done_count=sum(totals.values()), counts={"done": totals})
+    )
+    session.commit()
+    return totals
+
+
+# --- the clock's tick --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TickResult:
+    claimed: date | None
+    rescanned: date | None
+    requeued: dict[str, int]
+
+
+def tick_once(
+    session: Session, now: datetime, config: BillingConfig, run_at: time, *, rescan_after: timedelta = RESCAN_AFTER
+) -> TickResult:
+    """Start the next due run (one date at a time, in order), re-scan an unfinished one, and
+    re-enqueue stale work whose message may have been lost."""
+    latest_due = latest_due_run_date(now, run_at, config.timezone)
+    last = session.scalar(select(BillingRun).order_by(BillingRun.run_date.desc()).limit(1))
+    claimed: date | None = None
+    rescanned: date | None = None
+    if last is None or (last.status == "done" and last.run_date < latest_due):
+        candidate = latest_due if last is None else last.run_date + timedelta(days=1)
+        if claim_run(session, candidate):
+            claimed = candidate
+            send_after_commit(session, run_billing_day, candidate.isoformat(), now.isoformat())
+    elif last.status != "done":
+        # Only one of several schedulers wins the re-scan of a run.
+        won = session.scalar(
+            update(BillingRun)
+            .where(
+                BillingRun.id == last.id,
+                (BillingRun.last_scan_at.is_(None)) | (BillingRun.last_scan_at < now - rescan_after),
+            )
+            .values(last_scan_at=now)
+            .returning(BillingRun.id)
+        )
+        if won is not None:
+            rescanned = last.run_date
+            send_after_commit(session, run_billing_day, last.run_date.isoformat(), now.isoformat())
+    requeued = requeue_stale_work(session, now)
+    session.commit()
+    return TickResult(claimed, rescanned, requeued)
+
+
+STALE_WORK_FINDERS: dict[str, Callable[[Session, datetime], int]] = {}
+
+
+def stale_work(name: str) -> Callable[[Callable[[Session, datetime], int]], Callable[[Session, datetime], int]]:
+    def register(finder: Callable[[Session, datetime], int]) -> Callable[[Session, datetime], int]:
+        STALE_WORK_FINDERS[name] = finder
+        return finder
+
+    return register
+
+
+def requeue_stale_work(session: Session, now: datetime) -> dict[str, int]:
+    return {name: finder(session, now) for name, finder in STALE_WORK_FINDERS.items()}
+
+
+@stale_work("charges")
+def _requeue_charges(session: Session, now: datetime) -> int:
+    ids = unresolved_charge_ids(session, now)
+    if ids:
+        send_after_commit(session, reconcile_charges, ids, now.isoformat())
+    return len(ids)
+
+
+@stale_work("notifications")
+def _requeue_notifications(session: Session, now: datetime) -> int:
+    from jobs.notifications import pending_notification_ids, send_notification
+
+    ids = pending_notification_ids(session, older_than=now - STALE_WORK)
+    for notification_id in ids:
+        send_after_commit(session, send_notification, notification_id)
+    return len(ids)
+
+
+@stale_work("gateway_events")
+def _requeue_gateway_events(session: Session, now: datetime) -> int:
+    from jobs.payments import process_gateway_event
+
+    ids = session.scalars(
+        select(GatewayEvent.event_id)
+        .where(GatewayEvent.processed_at.is_(None), GatewayEvent.received_at < now - STALE_WORK)
+        .limit(500)
+    ).all()
+    for event_id in ids:
+        send_after_commit(session, process_gateway_event, event_id)
+    return len(ids)
+
+
+@dramatiq.actor(queue_name="billing", **STANDARD)
+def tick(now: str, run_at: str = "06:00") -> None:
+    tick_once(current_session(), datetime.fromisoformat(now), runtime().config, time.fromisoformat(run_at))
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,107 @@
+"""Dunning of unpaid renewals: boletos past their payment day, suspensions, and the card
+renewals that ran out of retries (or wait for a new card after a hard decline)."""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from jobs.invoicing import lock_subscription
+from jobs.notifications import notify
+from jobs.payments import suspend
+from jobs.renewals import Work
+from models.calendar import add_business_days, next_business_day
+from models.schema import Boleto, Charge, Invoice
+from models.states import BoletoStatus, ChargeStatus, InvoiceStatus, PaymentMethod, SubscriptionStatus
+
+
+def overdue_on(due_date: date) -> date:
+    """A boleto may be paid until the next business day on or after its due date; overdue after."""
+    return next_business_day(due_date) + timedelta(days=1)
+
+
+def suspend_on(overdue_day: date, grace_business_days: int) -> date:
+    return add_business_days(overdue_day, grace_business_days)
+
+
+def mark_boleto_overdue(session: Session, boleto_id: int, work: Work) -> None:
+    boleto = session.scalar(select(Boleto).where(Boleto.id == boleto_id).with_for_update())
+    if boleto is None or boleto.status != BoletoStatus.ISSUED or overdue_on(boleto.due_date) > work.on:
+        session.commit()
+        return
+    invoice = session.get_one(Invoice, boleto.invoice_id)
+    subscription = lock_subscription(session, invoice.subscription_id)
+    assert subscription is not None
+    boleto.status = BoletoStatus.OVERDUE
+    boleto.overdue_on = overdue_on(boleto.due_date)
+    if invoice.status == InvoiceStatus.OPEN and subscription.status == SubscriptionStatus.ACTIVE:
+        subscription.status = SubscriptionStatus.PAST_DUE
+    if invoice.status == InvoiceStatus.OPEN:
+        notify(
+            session,
+            organization_id=invoice.organization_id,
+            subscription_id=invoice.subscription_id,
+            kind="boleto_overdue",
+            dedupe_key=f"boleto_overdue:{boleto.id}",
+            context={
+                "invoice_id": invoice.id,
+                "amount_cents": boleto.amount_cents,
+                "due_date": boleto.due_date.isoformat(),
+                "digitable_line": boleto.digitable_line,
+                "suspend_on": suspend_on(boleto.overdue_on, work.config.boleto_grace_business_days).isoformat(),
+            },
+        )
+    work.done += 1
+    session.commit()
+
+
+def suspend_for_boleto(session: Session, boleto_id: int, work: Work) -> None:
+    boleto = session.scalar(select(Boleto).where(Boleto.id == boleto_id).with_for_update())
+    if (
+        boleto is None
+        or boleto.status != BoletoStatus.OVERDUE
+        or boleto.overdue_on is None
+        or suspend_on(boleto.overdue_on, work.config.boleto_grace_business_days) > work.on
+    ):
+        session.commit()
+        return
+    invoice = session.get_one(Invoice, boleto.invoice_id)
+    subscription = lock_subscription(session, invoice.subscription_id)
+    assert subscription is not None
+    if invoice.status == InvoiceStatus.OPEN and subscription.status != SubscriptionStatus.SUSPENDED:
+        suspend(session, subscription, invoice, now=work.now, reason="boleto")
+        work.done += 1
+    session.commit()
+
+
+def last_retry_day(invoice: Invoice, work: Work) -> date:
+    return invoice.due_date + timedelta(days=work.config.dunning_retry_days[-1])
+
+
+def suspend_for_card(session: Session, invoice_id: int, work: Work) -> None:
+    """A card renewal still unpaid after the last retry day, with no attempt in flight or scheduled
+    (a hard decline waits for a new card, but not forever)."""
+    invoice = session.get(Invoice, invoice_id)
+    if invoice is None:
+        return
+    subscription = lock_subscription(session, invoice.subscription_id)
+    assert subscription is not None
+    session.refresh(invoice)
+    waiting = session.scalar(
+        select(Charge.id).where(
+            Charge.invoice_id == invoice_id,
+            (Charge.status.in_([ChargeStatus.PENDING, ChargeStatus.UNKNOWN])) | Charge.next_retry_on.is_not(None),
+        )
+    )
+    if (
+        invoice.status == InvoiceStatus.OPEN
+        and invoice.method == PaymentMethod.CARD
+        and waiting is None
+        and last_retry_day(invoice, work) <= work.on
+        and subscription.status == SubscriptionStatus.PAST_DUE
+    ):
+        suspend(session, subscription, invoice, now=work.now, reason="card")
+        work.done += 1
+    session.commit()

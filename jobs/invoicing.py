@@ -1,0 +1,206 @@
+"""Shared state transitions of invoices, credit and ledger, used by every flow that bills.
+
+These functions change rows inside the caller's transaction and never commit: the flow decides
+where its transactions end (and never holds one open across a gateway call).
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import select, text
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from jobs.notifications import notify
+from models.calendar import add_cycle
+from models.schema import Invoice, LedgerEntry, Plan, Subscription
+from models.states import InvoiceKind, InvoiceStatus, SubscriptionStatus
+
+
+class MissingPlan(LookupError):
+    pass
+
+
+def plan_price(session: Session, product: str, cycle: str) -> int:
+    price = session.scalar(select(Plan.price_cents).where(Plan.product == product, Plan.cycle == cycle))
+    if price is None:
+        raise MissingPlan(f"no {cycle} price for product {product!r}")
+    return price
+
+
+def lock_subscription(session: Session, subscription_id: int) -> Subscription | None:
+    return session.scalar(select(Subscription).where(Subscription.id == subscription_id).with_for_update())
+
+
+def ledger(
+    session: Session,
+    subscription: Subscription,
+    kind: str,
+    amount_cents: int,
+    description: str,
+    *,
+    invoice_id: int | None = None,
+    change_request_id: int | None = None,
+    **details: Any,
+) -> None:
+    session.add(
+        LedgerEntry(
+            subscription_id=subscription.id,
+            invoice_id=invoice_id,
+            change_request_id=change_request_id,
+            kind=kind,
+            amount_cents=amount_cents,
+            description=description,
+            details=details,
+        )
+    )
+
+
+def create_renewal_invoice(
+    session: Session, subscription: Subscription, *, period_start: date, method: str, due_date: date
+) -> Invoice | None:
+    """The invoice for the period starting at `period_start`, once: None when it already exists.
+
+    The credit balance is discounted from it (DESIGN: amount = price − credit balance).
+    """
+    period_end = next_period_end(subscription, period_start)
+    price = plan_price(session, subscription.product, subscription.cycle)
+    discount = min(subscription.balance_cents, price)
+    invoice_id = session.scalar(
+        insert(Invoice)
+        .values(
+            subscription_id=subscription.id,
+            organization_id=subscription.organization_id,
+            kind=InvoiceKind.RENEWAL,
+            cycle=subscription.cycle,
+            period_start=period_start,
+            period_end=period_end,
+            amount_cents=price,
+            discount_cents=discount,
+            total_cents=price - discount,
+            method=method,
+            due_date=due_date,
+        )
+        .on_conflict_do_nothing(
+            index_elements=["subscription_id", "period_start"], index_where=text("kind = 'renewal'")
+        )
+        .returning(Invoice.id)
+    )
+    if invoice_id is None:
+        return None
+    invoice = session.get_one(Invoice, invoice_id)
+    if discount:
+        subscription.balance_cents -= discount
+        ledger(session, subscription, "credit_applied", -discount, "Crédito aplicado à fatura", invoice_id=invoice.id)
+    return invoice
+
+
+def renewal_invoice(session: Session, subscription_id: int, period_start: date) -> Invoice | None:
+    return session.scalar(
+        select(Invoice).where(
+            Invoice.subscription_id == subscription_id,
+            Invoice.period_start == period_start,
+            Invoice.kind == InvoiceKind.RENEWAL,
+        )
+    )
+
+
+def next_period_end(subscription: Subscription, period_start: date) -> date:
+    """The end of the anchored period that starts at (or contains) `period_start`."""
+    n = 1
+    while add_cycle(subscription.billing_anchor, subscription.cycle, n) <= period_start:
+        n += 1
+    return add_cycle(subscription.billing_anchor, subscription.cycle, n)
+
+
+def mark_invoice_paid(
+    session: Session,
+    invoice: Invoice,
+    *,
+    paid_on: date,
+    now: datetime,
+    amount_cents: int,
+    source: str,
+    card: dict[str, str] | None = None,
+) -> bool:
+    """Record a payment of an open invoice and its consequences; False when it was not open.
+
+    A past-due or suspended subscription becomes active; when the period the invoice covered has
+    already ended while it was suspended, the payment starts a fresh period on the payment date
+    (the customer never pays for time they were suspended).
+    """
+    if invoice.status != InvoiceStatus.OPEN:
+        return False
+    subscription = lock_subscription(session, invoice.subscription_id)
+    assert subscription is not None
+    invoice.status = InvoiceStatus.PAID
+    invoice.paid_on = paid_on
+    invoice.paid_at = now
+    if amount_cents:
+        ledger(session, subscription, "payment", amount_cents, f"Pagamento ({source})", invoice_id=invoice.id)
+
+    if subscription.status in (SubscriptionStatus.PAST_DUE, SubscriptionStatus.SUSPENDED) and not has_other_past_due(
+        session, subscription.id, invoice.id, paid_on
+    ):
+        was_suspended = subscription.status == SubscriptionStatus.SUSPENDED
+        if was_suspended and invoice.kind == InvoiceKind.RENEWAL and invoice.period_end <= paid_on:
+            restart_period_on_payment(subscription, invoice, paid_on)
+        subscription.status = SubscriptionStatus.ACTIVE
+        subscription.suspended_at = None
+        notify(
+            session,
+            organization_id=subscription.organization_id,
+            subscription_id=subscription.id,
+            kind="subscription_reactivated",
+            dedupe_key=f"subscription_reactivated:{invoice.id}",
+            context={
+                "invoice_id": invoice.id,
+                "period_start": subscription.current_period_start.isoformat(),
+                "period_end": subscription.current_period_end.isoformat(),
+            },
+        )
+
+    if invoice.method == "card" or amount_cents == 0:
+        notify(
+            session,
+            organization_id=subscription.organization_id,
+            subscription_id=subscription.id,
+            kind="charge_succeeded",
+            dedupe_key=f"charge_succeeded:{invoice.id}",
+            context={
+                "invoice_id": invoice.id,
+                "amount_cents": invoice.total_cents,
+                "card_brand": (card or {}).get("brand", ""),
+                "card_last4": (card or {}).get("last4", ""),
+                "period_start": invoice.period_start.isoformat(),
+                "period_end": invoice.period_end.isoformat(),
+                "paid_on": paid_on.isoformat(),
+            },
+        )
+    return True
+
+
+def restart_period_on_payment(subscription: Subscription, invoice: Invoice, paid_on: date) -> None:
+    new_end = add_cycle(paid_on, subscription.cycle, 1)
+    invoice.period_start, invoice.period_end = paid_on, new_end
+    subscription.billing_anchor = paid_on
+    subscription.current_period_start, subscription.current_period_end = paid_on, new_end
+
+
+def has_other_past_due(session: Session, subscription_id: int, invoice_id: int, on: date) -> bool:
+    """Another open invoice of the subscription already due before `on` (one issued early is not)."""
+    return (
+        session.scalar(
+            select(Invoice.id)
+            .where(
+                Invoice.subscription_id == subscription_id,
+                Invoice.status == InvoiceStatus.OPEN,
+                Invoice.id != invoice_id,
+                Invoice.due_date < on,
+            )
+            .limit(1)
+        )
+        is not None
+    )

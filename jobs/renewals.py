@@ -1,0 +1,327 @@
+"""Renewals: the boleto seven days ahead, the renewal itself on T, card retries, and the notices
+that announce them. Each handler takes ids found by the daily run's scan, re-checks them under a
+row lock (a duplicate or late message finds nothing left to do) and commits per subscription."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from gateways.base import Gateway, GatewayError
+from jobs.context import BillingConfig
+from jobs.invoicing import (
+    create_renewal_invoice,
+    lock_subscription,
+    mark_invoice_paid,
+    next_period_end,
+    plan_price,
+    renewal_invoice,
+)
+from jobs.notifications import notify
+from jobs.payments import PreparedCharge, charge_and_record, issue_boleto, open_charge_attempt, prepare
+from models.policy import late_boleto_due_date
+from models.schema import Boleto, Card, Charge, Invoice, Subscription
+from models.states import (
+    BoletoStatus,
+    ChargeStatus,
+    Cycle,
+    InvoiceStatus,
+    PaymentMethod,
+    SubscriptionStatus,
+)
+
+logger = logging.getLogger(__name__)
+
+RENEWAL_NOTICE_DAYS = 30
+BOLETO_REMINDER_DAYS = 2
+
+
+@dataclass
+class Work:
+    """What a handler did with its ids: `done` counts effects applied (a no-op is not done)."""
+
+    on: date
+    now: datetime
+    config: BillingConfig
+    gateway: Gateway
+    done: int = 0
+    charges: list[PreparedCharge] = field(default_factory=list)
+
+
+def charge_description(invoice: Invoice) -> str:
+    return f"CONECTA fatura {invoice.id} ({invoice.period_start.isoformat()} a {invoice.period_end.isoformat()})"
+
+
+# --- T − 7: the boleto of an annual renewal ------------------------------------------------------
+
+
+def issue_renewal_boleto(session: Session, subscription_id: int, work: Work) -> None:
+    """Create the next renewal's invoice (price − credit) and issue its boleto, once."""
+    subscription = lock_subscription(session, subscription_id)
+    if subscription is None:
+        return
+    renewal = subscription.current_period_end
+    due_now = renewal - timedelta(days=work.config.boleto_lead_days) <= work.on
+    if (
+        due_now
+        and subscription.status in (SubscriptionStatus.ACTIVE, SubscriptionStatus.PAST_DUE)
+        and subscription.cycle == Cycle.ANNUAL
+        and subscription.effective_payment_method == PaymentMethod.BOLETO
+        and not subscription.cancel_at_period_end
+    ):
+        invoice = create_renewal_invoice(
+            session,
+            subscription,
+            period_start=renewal,
+            method=PaymentMethod.BOLETO,
+            due_date=late_boleto_due_date(renewal, work.on, work.config.boleto_due_days),
+        )
+        if invoice is not None:
+            work.done += 1
+            if invoice.total_cents == 0:
+                mark_invoice_paid(session, invoice, paid_on=work.on, now=work.now, amount_cents=0, source="crédito")
+    session.commit()
+    issue_missing_boletos(session, subscription_id, work)
+
+
+def issue_missing_boletos(session: Session, subscription_id: int, work: Work) -> None:
+    """Every open boleto invoice of the subscription without its boleto (an interrupted issue)."""
+    missing = session.scalars(
+        select(Invoice.id).where(
+            Invoice.subscription_id == subscription_id,
+            Invoice.status == InvoiceStatus.OPEN,
+            Invoice.method == PaymentMethod.BOLETO,
+            ~select(Boleto.id).where(Boleto.invoice_id == Invoice.id).exists(),
+        )
+    ).all()
+    session.commit()
+    for invoice_id in missing:
+        issue_boleto(session, work.gateway, invoice_id)
+
+
+# --- T: the renewal ------------------------------------------------------------------------------
+
+
+def renew(session: Session, subscription_id: int, work: Work) -> None:
+    """Apply the pending switch, invoice the new period, advance, and prepare the card charge."""
+    subscription = lock_subscription(session, subscription_id)
+    if subscription is None or subscription.current_period_end > work.on:
+        session.commit()
+        return
+    if subscription.status == SubscriptionStatus.CANCELED:
+        session.commit()
+        return
+    if subscription.cancel_at_period_end:
+        end_subscription(session, subscription, work)
+        session.commit()
+        return
+    if subscription.status == SubscriptionStatus.SUSPENDED:
+        session.commit()  # not renewed while its outstanding invoice is unpaid
+        return
+
+    renewal = subscription.current_period_end
+    if subscription.pending_payment_method:
+        previous = subscription.payment_method
+        subscription.payment_method = subscription.pending_payment_method
+        subscription.pending_payment_method = None
+        notify(
+            session,
+            organization_id=subscription.organization_id,
+            subscription_id=subscription.id,
+            kind="payment_method_switch_applied",
+            dedupe_key=f"payment_method_switch_applied:{subscription.id}:{renewal.isoformat()}",
+            context={
+                "from_method": previous,
+                "to_method": subscription.payment_method,
+                "renewal_date": renewal.isoformat(),
+            },
+        )
+
+    invoice = renewal_invoice(session, subscription.id, renewal)
+    if invoice is None:
+        method = subscription.payment_method
+        due = (
+            renewal
+            if method == PaymentMethod.CARD
+            else late_boleto_due_date(renewal, work.on, work.config.boleto_due_days)
+        )
+        invoice = create_renewal_invoice(session, subscription, period_start=renewal, method=method, due_date=due)
+        assert invoice is not None  # the row lock serializes creators
+    subscription.current_period_start = renewal
+    subscription.current_period_end = (
+        invoice.period_end if invoice.period_end > renewal else next_period_end(subscription, renewal)
+    )
+    work.done += 1
+
+    if invoice.status == InvoiceStatus.OPEN and invoice.total_cents == 0:
+        mark_invoice_paid(session, invoice, paid_on=work.on, now=work.now, amount_cents=0, source="crédito")
+    elif invoice.status == InvoiceStatus.OPEN and invoice.method == PaymentMethod.CARD:
+        card = session.scalar(select(Card).where(Card.organization_id == subscription.organization_id))
+        if card is None:
+            no_card_on_file(session, subscription, invoice)
+        else:
+            charge = open_charge_attempt(session, invoice, card)
+            if charge is not None:
+                work.charges.append(prepare(charge, charge_description(invoice)))
+    session.commit()
+    if invoice.method == PaymentMethod.BOLETO:
+        issue_missing_boletos(session, subscription.id, work)
+
+
+def no_card_on_file(session: Session, subscription: Subscription, invoice: Invoice) -> None:
+    if subscription.status == SubscriptionStatus.ACTIVE:
+        subscription.status = SubscriptionStatus.PAST_DUE
+    notify(
+        session,
+        organization_id=subscription.organization_id,
+        subscription_id=subscription.id,
+        kind="charge_failed",
+        dedupe_key=f"charge_failed:no_card:{invoice.id}",
+        context={
+            "invoice_id": invoice.id,
+            "amount_cents": invoice.total_cents,
+            "code": "no_card_on_file",
+            "reason": "Não há cartão de crédito cadastrado.",
+            "hard": True,
+            "next_retry_on": None,
+            "card_last4": "",
+        },
+    )
+
+
+def end_subscription(session: Session, subscription: Subscription, work: Work) -> None:
+    """`cancel_at_period_end` reached T: canceled, nothing charged; an early boleto is voided."""
+    subscription.status = SubscriptionStatus.CANCELED
+    subscription.canceled_at = work.now
+    subscription.pending_payment_method = None
+    upcoming = renewal_invoice(session, subscription.id, subscription.current_period_end)
+    boleto_to_cancel: str | None = None
+    if upcoming is not None and upcoming.status == InvoiceStatus.OPEN:
+        upcoming.status = InvoiceStatus.VOID
+        if upcoming.discount_cents:
+            subscription.balance_cents += upcoming.discount_cents
+        boleto = session.scalar(select(Boleto).where(Boleto.invoice_id == upcoming.id))
+        if boleto is not None and boleto.status in (BoletoStatus.ISSUED, BoletoStatus.OVERDUE):
+            boleto.status = BoletoStatus.CANCELED
+            boleto_to_cancel = boleto.gateway_id
+    notify(
+        session,
+        organization_id=subscription.organization_id,
+        subscription_id=subscription.id,
+        kind="subscription_canceled",
+        dedupe_key=f"subscription_canceled:{subscription.id}",
+        context={"ended_on": subscription.current_period_end.isoformat()},
+    )
+    work.done += 1
+    if boleto_to_cancel:
+        session.commit()
+        try:
+            work.gateway.cancel_boleto(boleto_to_cancel)
+        except GatewayError:
+            logger.warning("boleto %s voided here but not cancelled at the gateway", boleto_to_cancel)
+
+
+# --- T + n: card retries ---------------------------------------------------------------------------
+
+
+def retry_charge(session: Session, invoice_id: int, work: Work) -> None:
+    invoice = session.get(Invoice, invoice_id)
+    if invoice is None:
+        return
+    subscription = lock_subscription(session, invoice.subscription_id)
+    assert subscription is not None
+    invoice = session.get_one(Invoice, invoice_id)
+    due = session.scalar(
+        select(Charge.id).where(
+            Charge.invoice_id == invoice_id,
+            Charge.next_retry_on <= work.on,
+            Charge.status == ChargeStatus.FAILED,
+            Charge.hard_decline.is_(False),
+        )
+    )
+    if due is None:
+        session.commit()
+        return
+    card = session.scalar(select(Card).where(Card.organization_id == invoice.organization_id))
+    if invoice.status != InvoiceStatus.OPEN or subscription.status == SubscriptionStatus.CANCELED or card is None:
+        for charge in session.scalars(select(Charge).where(Charge.invoice_id == invoice_id)):
+            charge.next_retry_on = None
+        session.commit()
+        return
+    charge = open_charge_attempt(session, invoice, card)
+    if charge is not None:
+        work.charges.append(prepare(charge, charge_description(invoice)))
+        work.done += 1
+    session.commit()
+
+
+# --- notices ahead of time -------------------------------------------------------------------------
+
+
+def send_boleto_reminder(session: Session, boleto_id: int, work: Work) -> None:
+    boleto = session.get(Boleto, boleto_id)
+    if boleto is None or boleto.status != BoletoStatus.ISSUED:
+        return
+    if not work.on <= boleto.due_date <= work.on + timedelta(days=BOLETO_REMINDER_DAYS):
+        return
+    invoice = session.get_one(Invoice, boleto.invoice_id)
+    created = notify(
+        session,
+        organization_id=invoice.organization_id,
+        subscription_id=invoice.subscription_id,
+        kind="boleto_reminder",
+        dedupe_key=f"boleto_reminder:{boleto.id}",
+        context={
+            "invoice_id": invoice.id,
+            "amount_cents": boleto.amount_cents,
+            "due_date": boleto.due_date.isoformat(),
+            "digitable_line": boleto.digitable_line,
+            "period_start": invoice.period_start.isoformat(),
+            "period_end": invoice.period_end.isoformat(),
+        },
+    )
+    work.done += created is not None
+    session.commit()
+
+
+def send_renewal_notice(session: Session, subscription_id: int, work: Work) -> None:
+    subscription = session.get(Subscription, subscription_id)
+    if (
+        subscription is None
+        or subscription.cycle != Cycle.ANNUAL
+        or subscription.status == SubscriptionStatus.CANCELED
+        or subscription.cancel_at_period_end
+    ):
+        return
+    renewal = subscription.current_period_end
+    if not work.on < renewal <= work.on + timedelta(days=RENEWAL_NOTICE_DAYS):
+        return
+    price = plan_price(session, subscription.product, subscription.cycle)
+    created = notify(
+        session,
+        organization_id=subscription.organization_id,
+        subscription_id=subscription.id,
+        kind="renewal_notice",
+        dedupe_key=f"renewal_notice:{subscription.id}:{renewal.isoformat()}",
+        context={
+            "renewal_date": renewal.isoformat(),
+            "amount_cents": price - min(price, subscription.balance_cents),
+            "cycle": subscription.cycle,
+            "payment_method": subscription.effective_payment_method,
+        },
+    )
+    work.done += created is not None
+    session.commit()
+
+
+def settle_charges(session: Session, work: Work) -> dict[int, str]:
+    """Phases 2 and 3 for the attempts a chunk prepared: one concurrent batch of gateway calls."""
+    if not work.charges:
+        return {}
+    statuses = charge_and_record(session, work.gateway, work.charges, on=work.on, now=work.now, config=work.config)
+    work.charges.clear()
+    return statuses
