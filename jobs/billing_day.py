@@ -383,7 +383,7 @@ def tick_once(
             update(BillingRun)
             .where(
                 BillingRun.id == last.id,
-                (BillingRun.last_scan_at.is_(None)) | (BillingRun.last_scan_at < now - rescan_after),
+                (BillingRun.last_scan_at.is_(None)) | (BillingRun.last_scan_at <= now - rescan_after),
             )
             .values(last_scan_at=now)
             .returning(BillingRun.id)

@@ -4,6 +4,7 @@ TEST_DATABASE_URL / TEST_REDIS_URL. The broker is built here, before any test im
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,6 +15,31 @@ ROOT = Path(__file__).resolve().parent.parent
 TEST_DATA_DIR = ROOT / ".renova" / "test"
 
 
+def _claim_redis_database(stack_url: str) -> int:
+    """A Redis database of the embedded server for this test process alone (test runs may overlap)."""
+    import redis
+
+    client = redis.Redis.from_url(stack_url)
+    for number in range(1, 16):
+        if client.set(f"renova-test-db:{number}", os.getpid(), nx=True, ex=3 * 3600):
+            return number
+        holder = client.get(f"renova-test-db:{number}")
+        if holder and not _process_alive(int(holder)):
+            client.set(f"renova-test-db:{number}", os.getpid(), ex=3 * 3600)
+            return number
+    raise RuntimeError("no free Redis database for the test run")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _test_urls() -> tuple[str, str]:
     database_url = os.environ.get("TEST_DATABASE_URL")
     redis_url = os.environ.get("TEST_REDIS_URL")
@@ -22,7 +48,12 @@ def _test_urls() -> tuple[str, str]:
     from workers.embedded import EmbeddedStack
 
     stack = EmbeddedStack(TEST_DATA_DIR)
-    return database_url or stack.postgres_url("renova_test"), redis_url or stack.redis_url(db=0)
+    if not database_url:
+        # One database per test process, so that overlapping runs never share tables.
+        database_url = stack.postgres_url(f"renova_test_{os.getpid()}")
+    if not redis_url:
+        redis_url = stack.redis_url(db=_claim_redis_database(stack.redis_url(db=0)))
+    return database_url, redis_url
 
 
 _DATABASE_URL, _REDIS_URL = _test_urls()
@@ -53,18 +84,46 @@ def _reset_schema() -> None:
 
 
 @pytest.fixture(scope="session")
-def migrated_database() -> str:
+def migrated_database() -> Iterator[str]:
     _reset_schema()
-    return resolved_urls()[0]
+    yield resolved_urls()[0]
+    if not os.environ.get("TEST_DATABASE_URL"):
+        _drop_own_database()
 
 
-@pytest.fixture
-def clean_database(migrated_database: str) -> None:
+def _drop_own_database() -> None:
+    import psycopg
+
+    from workers.db import reset
+
+    url = resolved_urls()[0]
+    reset()
+    admin = url.replace("postgresql+psycopg://", "postgresql://").replace(f"/renova_test_{os.getpid()}?", "/postgres?")
+    with psycopg.connect(admin, autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "renova_test_{os.getpid()}" WITH (FORCE)')
+
+
+def _truncate_all() -> None:
     from models.base import Base
 
     tables = ", ".join(f'"{table.name}"' for table in Base.metadata.sorted_tables)
     with get_engine().begin() as connection:
         connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+        # Gateway idempotency keys derive from invoice ids and the sandbox gateway outlives a test:
+        # start invoice ids somewhere new, so no test replays another test's stored responses.
+        connection.execute(text(f"ALTER SEQUENCE invoices_id_seq RESTART WITH {secrets.randbelow(10**12) + 10**6}"))
+
+
+def _reset_between(session: Session) -> None:
+    """Start a scenario again within one test: empty tables, ids from 1."""
+    session.rollback()
+    session.expunge_all()
+    _truncate_all()
+
+
+@pytest.fixture
+def clean_database(migrated_database: str) -> None:
+    _truncate_all()
 
 
 @pytest.fixture
@@ -90,6 +149,8 @@ def worker(broker, clean_database: None) -> Iterator[object]:
     running.start()
     yield running
     running.stop()
+    # A Worker registers a middleware on the broker for its lifetime; drop it with the worker.
+    broker.middleware[:] = [m for m in broker.middleware if getattr(m, "worker", None) is not running]
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 15.0, interval: float = 0.05) -> object:

@@ -59,7 +59,14 @@ def make_organization(
     )
     if card_token:
         session.add(
-            Card(organization_id=organization_id, token=card_token, brand="visa", last4="4242", exp_month=12, exp_year=2035)
+            Card(
+                organization_id=organization_id,
+                token=card_token,
+                brand="visa",
+                last4="4242",
+                exp_month=12,
+                exp_year=2035,
+            )
         )
     session.flush()
     return organization

@@ -34,16 +34,32 @@ def test_monthly_card_anchored_jan_31_renews_on_month_ends_without_drift(session
     travel(session, billing_gateway, date(2027, 1, 31), date(2028, 3, 31))
 
     invoices = session.scalars(
-        select(Invoice).where(Invoice.subscription_id == subscription.id, Invoice.kind == "renewal").order_by(Invoice.period_start)
+        select(Invoice)
+        .where(Invoice.subscription_id == subscription.id, Invoice.kind == "renewal")
+        .order_by(Invoice.period_start)
     ).all()
     assert [invoice.period_start for invoice in invoices] == [
-        date(2027, 2, 28), date(2027, 3, 31), date(2027, 4, 30), date(2027, 5, 31), date(2027, 6, 30),
-        date(2027, 7, 31), date(2027, 8, 31), date(2027, 9, 30), date(2027, 10, 31), date(2027, 11, 30),
-        date(2027, 12, 31), date(2028, 1, 31), date(2028, 2, 29), date(2028, 3, 31),
+        date(2027, 2, 28),
+        date(2027, 3, 31),
+        date(2027, 4, 30),
+        date(2027, 5, 31),
+        date(2027, 6, 30),
+        date(2027, 7, 31),
+        date(2027, 8, 31),
+        date(2027, 9, 30),
+        date(2027, 10, 31),
+        date(2027, 11, 30),
+        date(2027, 12, 31),
+        date(2028, 1, 31),
+        date(2028, 2, 29),
+        date(2028, 3, 31),
     ]
     assert all(invoice.status == "paid" and invoice.total_cents == MONTHLY_PRICE for invoice in invoices)
     session.refresh(subscription)
-    assert (subscription.current_period_start, subscription.current_period_end) == (date(2028, 3, 31), date(2028, 4, 30))
+    assert (subscription.current_period_start, subscription.current_period_end) == (
+        date(2028, 3, 31),
+        date(2028, 4, 30),
+    )
     assert subscription.status == "active"
     keys = [f"charge:{invoice.id}:1" for invoice in invoices]
     ledger = sandbox_gateway.ledger()
@@ -69,8 +85,13 @@ def test_annual_boleto_paid_on_time(session, billing_gateway, sandbox_gateway):
     sandbox_gateway.pay_boleto(boleto.gateway_id, paid_on=renewal - timedelta(days=2))
     from jobs.payments import record_boleto_payment
 
-    record_boleto_payment(session, boleto.gateway_id, amount_cents=ANNUAL_PRICE, paid_on=renewal - timedelta(days=2),
-                          now=noon(renewal - timedelta(days=2)))
+    record_boleto_payment(
+        session,
+        boleto.gateway_id,
+        amount_cents=ANNUAL_PRICE,
+        paid_on=renewal - timedelta(days=2),
+        now=noon(renewal - timedelta(days=2)),
+    )
     session.commit()
     travel(session, billing_gateway, renewal - timedelta(days=6), renewal + timedelta(days=20))
     session.refresh(subscription)

@@ -80,9 +80,14 @@ def worker(
     """Run the Dramatiq workers (the `worker` process)."""
     settings = get_settings()
     args = [
-        sys.executable, "-m", "dramatiq", "workers.broker",
-        "--processes", str(processes or settings.worker_processes),
-        "--threads", str(threads or settings.worker_threads),
+        sys.executable,
+        "-m",
+        "dramatiq",
+        "workers.broker",
+        "--processes",
+        str(processes or settings.worker_processes),
+        "--threads",
+        str(threads or settings.worker_threads),
     ]
     if queues:
         args += ["--queues", *queues]
@@ -218,6 +223,128 @@ def _ping_worker(timeout_seconds: float = 15.0) -> bool:
         time.sleep(0.2)
     console.print(f"[red]✗[/] no worker processed the ping within {timeout_seconds:.0f}s: is `renova worker` running?")
     return False
+
+
+@app.command()
+def scheduler(
+    interval: float | None = typer.Option(None, help="Seconds between ticks (default TICK_INTERVAL_SECONDS)."),
+) -> None:
+    """Send `tick` every interval (the `clock` process). Safe to run more than one."""
+    import signal
+    from datetime import UTC, datetime
+
+    from jobs.billing_day import tick
+    from workers import broker as _broker  # noqa: F401 - wires the actors
+
+    settings = get_settings()
+    period = interval or settings.tick_interval_seconds
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    console.print(
+        f"scheduler: tick every {period:g}s, runs due after {settings.billing_run_at:%H:%M} {settings.billing_timezone}"
+    )
+    next_tick = time.monotonic()
+    while not stopping:
+        tick.send(datetime.now(UTC).isoformat(), settings.billing_run_at.isoformat())
+        next_tick += period
+        while not stopping and time.monotonic() < next_tick:
+            time.sleep(min(0.2, max(0.0, next_tick - time.monotonic())))
+
+
+@app.command("run-day")
+def run_day_command(
+    run_date: str = typer.Option(..., "--date", help="Business date to run, YYYY-MM-DD."),
+    wait: bool = typer.Option(False, help="Block until the run's work is done and print its counts."),
+    timeout: float = typer.Option(600.0, help="With --wait: give up after this many seconds."),
+) -> None:
+    """Run (or re-run) the billing run for a date now. Workers do the work; dates after today are
+    refused unless RENOVA_ENV is development or test."""
+    from datetime import UTC, date, datetime
+
+    from sqlalchemy import select, update
+
+    from jobs.billing_day import FutureDateRefused, scan_run
+    from jobs.context import runtime
+    from models.calendar import local_today
+    from models.schema import BillingRun
+    from workers import broker as _broker  # noqa: F401 - wires the actors
+    from workers.db import get_session_factory, resolved_urls
+    from workers.queues import queue_depths
+
+    try:
+        on = date.fromisoformat(run_date)
+    except ValueError:
+        fail(f"--date must be YYYY-MM-DD, got {run_date!r}")
+    settings = get_settings()
+    now = datetime.now(UTC)
+    if on > local_today(now, settings.billing_timezone) and not settings.allows_future_dates:
+        fail(f"{on.isoformat()} is after today: refused in {settings.renova_env} (allowed in development and test)")
+
+    session_factory = get_session_factory()
+    with session_factory() as session:
+        session.execute(update(BillingRun).where(BillingRun.run_date == on).values(status="running", finished_at=None))
+        session.commit()
+        try:
+            counts = scan_run(session, on, now, runtime().config)
+        except FutureDateRefused as exc:
+            fail(str(exc))
+    console.print(
+        f"run {on.isoformat()}: due {sum(counts.values())} — "
+        + ", ".join(f"{name} {count}" for name, count in counts.items() if count)
+        if sum(counts.values())
+        else f"run {on.isoformat()}: nothing due"
+    )
+    if not wait:
+        return
+
+    _, redis_url = resolved_urls()
+    deadline = time.monotonic() + timeout
+    while True:
+        with session_factory() as session:
+            run = session.scalar(select(BillingRun).where(BillingRun.run_date == on))
+            if run is not None and run.status == "done":
+                break
+        if time.monotonic() > deadline:
+            fail(f"run {on.isoformat()} not done after {timeout:.0f}s: is `renova worker` running?")
+        busy = any(depth.ready or depth.delayed for depth in queue_depths(redis_url, ("billing",)))
+        if not busy:
+            time.sleep(0.5)
+            with session_factory() as session:
+                scan_run(session, on, datetime.now(UTC), runtime().config)
+        else:
+            time.sleep(0.5)
+    with session_factory() as session:
+        run = session.scalar(select(BillingRun).where(BillingRun.run_date == on))
+        assert run is not None
+        table = Table(title=f"Billing run {on.isoformat()}")
+        for column in ("due", "done", "failed", "scans", "status"):
+            table.add_column(column)
+        table.add_row(str(run.due_count), str(run.done_count), str(run.failed_count), str(run.scans), run.status)
+        console.print(table)
+
+
+@app.command()
+def web(
+    host: str | None = typer.Option(None, help="Address (default WEB_HOST)."),
+    port: int | None = typer.Option(None, help="Port (default WEB_PORT)."),
+) -> None:
+    """Serve the HTTP API, gateway webhooks, the ops console and /metrics (the `web` process)."""
+    import uvicorn
+
+    settings = get_settings()
+    uvicorn.run(
+        "workers.api:create_app",
+        factory=True,
+        host=host or settings.web_host,
+        port=port or settings.web_port,
+        log_level="info",
+    )
 
 
 @app.command()
