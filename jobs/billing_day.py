@@ -103,7 +103,9 @@ def scan_boletos_overdue(on: date, config: BillingConfig) -> Select[Any]:
 
 
 def keep_overdue(session: Session, ids: list[int], on: date, config: BillingConfig) -> list[int]:
-    due_dates = dict(session.execute(select(Boleto.id, Boleto.due_date).where(Boleto.id.in_(ids))).tuples().all())
+    due_dates = {
+        row.id: row.due_date for row in session.execute(select(Boleto.id, Boleto.due_date).where(Boleto.id.in_(ids)))
+    }
     return [boleto_id for boleto_id in ids if dunning.overdue_on(due_dates[boleto_id]) <= on]
 
 

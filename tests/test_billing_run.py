@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import date, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from jobs.billing_day import run_day
 from jobs.context import runtime
@@ -99,3 +99,267 @@ def test_annual_boleto_paid_on_time(session, billing_gateway, sandbox_gateway):
     assert subscription.current_period_end == date(2029, 3, 10)
     assert session.scalar(select(Charge)) is None
     assert len(session.scalars(select(Boleto)).all()) == 1
+
+
+def renewal_invoices(session, subscription_id: int) -> list[Invoice]:
+    return list(
+        session.scalars(
+            select(Invoice)
+            .where(Invoice.subscription_id == subscription_id, Invoice.kind == "renewal")
+            .order_by(Invoice.period_start)
+            .execution_options(populate_existing=True)
+        )
+    )
+
+
+def kinds(session) -> list[str]:
+    return [row.kind for row in session.scalars(select(Notification).order_by(Notification.id))]
+
+
+def annual_boleto(session, anchor: date) -> Subscription:
+    seed_plans(session)
+    organization = make_organization(session, card_token=None)
+    subscription = make_subscription(session, organization, cycle="annual", method="boleto", anchor=anchor)
+    session.commit()
+    return subscription
+
+
+def pay(session, sandbox_gateway, boleto: Boleto, on: date) -> None:
+    from jobs.payments import record_boleto_payment
+
+    sandbox_gateway.pay_boleto(boleto.gateway_id, paid_on=on)
+    record_boleto_payment(session, boleto.gateway_id, amount_cents=boleto.amount_cents, paid_on=on, now=noon(on))
+    session.commit()
+
+
+def test_annual_boleto_paid_late_is_suspended_then_reactivated(session, billing_gateway, sandbox_gateway):
+    subscription = annual_boleto(session, date(2027, 3, 10))
+    renewal = date(2028, 3, 10)  # a Friday: payable that day, overdue on Saturday the 11th
+
+    travel(session, billing_gateway, renewal - timedelta(days=7), renewal)
+    session.refresh(subscription)
+    assert subscription.status == "active" and subscription.current_period_start == renewal
+    travel(session, billing_gateway, renewal + timedelta(days=1), renewal + timedelta(days=1))
+    session.refresh(subscription)
+    assert subscription.status == "past_due"
+    boleto = session.scalars(select(Boleto)).one()
+    assert (boleto.status, boleto.overdue_on) == ("overdue", date(2028, 3, 11))
+    travel(session, billing_gateway, date(2028, 3, 12), date(2028, 3, 14))
+    session.refresh(subscription)
+    assert subscription.status == "past_due"  # three business days after the 11th: Mon, Tue, Wed
+    travel(session, billing_gateway, date(2028, 3, 15), date(2028, 3, 15))
+    session.refresh(subscription)
+    assert subscription.status == "suspended"
+
+    pay(session, sandbox_gateway, boleto, date(2028, 3, 20))
+    session.refresh(subscription)
+    assert subscription.status == "active"
+    assert (subscription.current_period_start, subscription.current_period_end) == (renewal, date(2029, 3, 10))
+    assert kinds(session) == [
+        "boleto_issued",
+        "renewal_notice",
+        "boleto_reminder",
+        "boleto_overdue",
+        "subscription_suspended",
+        "subscription_reactivated",
+    ]
+
+
+def test_annual_boleto_never_paid_stays_suspended_and_is_not_renewed(session, billing_gateway, sandbox_gateway):
+    subscription = annual_boleto(session, date(2027, 3, 10))
+    travel(session, billing_gateway, date(2028, 3, 1), date(2029, 4, 10))
+    session.refresh(subscription)
+    assert subscription.status == "suspended"
+    invoices = renewal_invoices(session, subscription.id)
+    assert [(invoice.period_start, invoice.status) for invoice in invoices] == [(date(2028, 3, 10), "open")]
+    assert len(session.scalars(select(Boleto)).all()) == 1
+
+    # Paid a year later: the customer pays for a fresh year from the payment date, not for the
+    # time they were suspended.
+    pay(session, sandbox_gateway, session.scalars(select(Boleto)).one(), date(2029, 4, 10))
+    session.refresh(subscription)
+    (invoice,) = renewal_invoices(session, subscription.id)
+    assert (invoice.status, invoice.period_start, invoice.period_end) == ("paid", date(2029, 4, 10), date(2030, 4, 10))
+    assert (subscription.status, subscription.billing_anchor) == ("active", date(2029, 4, 10))
+    assert (subscription.current_period_start, subscription.current_period_end) == (
+        date(2029, 4, 10),
+        date(2030, 4, 10),
+    )
+
+
+def card_annual(session, anchor: date, token: str = "tok_ok") -> Subscription:
+    seed_plans(session)
+    organization = make_organization(session, card_token=token)
+    subscription = make_subscription(session, organization, cycle="annual", method="card", anchor=anchor)
+    session.commit()
+    return subscription
+
+
+def test_card_to_boleto_switched_early_is_billed_by_boleto_seven_days_ahead(session, billing_gateway):
+    subscription = card_annual(session, date(2027, 6, 1))
+    renewal = date(2028, 6, 1)
+    subscription.pending_payment_method = "boleto"
+    session.commit()
+
+    travel(session, billing_gateway, renewal - timedelta(days=8), renewal)
+    boleto = session.scalars(select(Boleto)).one()
+    assert boleto.due_date == renewal
+    assert session.scalar(select(Invoice.created_at).where(Invoice.id == boleto.invoice_id)) is not None
+    session.refresh(subscription)
+    assert (subscription.payment_method, subscription.pending_payment_method) == ("boleto", None)
+    assert session.scalar(select(Charge)) is None
+    assert "payment_method_switch_applied" in kinds(session)
+
+
+def test_card_to_boleto_inside_the_window_is_due_three_days_later(session, billing_gateway):
+    subscription = card_annual(session, date(2027, 6, 1))
+    renewal = date(2028, 6, 1)
+    travel(session, billing_gateway, renewal - timedelta(days=8), renewal - timedelta(days=2))
+    subscription.pending_payment_method = "boleto"  # requested on T − 1
+    session.commit()
+    travel(session, billing_gateway, renewal - timedelta(days=1), renewal + timedelta(days=1))
+    boleto = session.scalars(select(Boleto)).one()
+    assert boleto.due_date == renewal + timedelta(days=2)  # max(T, D + 3)
+    assert session.scalar(select(Charge)) is None
+
+
+def test_boleto_to_card_before_the_deadline_is_charged_at_renewal(session, billing_gateway, sandbox_gateway):
+    seed_plans(session)
+    organization = make_organization(session, card_token="tok_ok")
+    subscription = make_subscription(session, organization, cycle="annual", method="boleto", anchor=date(2027, 6, 1))
+    subscription.pending_payment_method = "card"
+    session.commit()
+    renewal = date(2028, 6, 1)
+
+    travel(session, billing_gateway, renewal - timedelta(days=10), renewal)
+    assert session.scalar(select(Boleto)) is None
+    (invoice,) = renewal_invoices(session, subscription.id)
+    assert (invoice.method, invoice.status, invoice.paid_on) == ("card", "paid", renewal)
+    session.refresh(subscription)
+    assert subscription.payment_method == "card"
+
+
+def test_a_declining_card_is_retried_then_suspended(session, billing_gateway, sandbox_gateway):
+    seed_plans(session)
+    organization = make_organization(session, card_token="tok_insufficient_funds")
+    subscription = make_subscription(session, organization, cycle="monthly", method="card", anchor=date(2027, 4, 10))
+    session.commit()
+    renewal = date(2027, 5, 10)
+
+    travel(session, billing_gateway, renewal, renewal + timedelta(days=6))
+    session.refresh(subscription)
+    assert subscription.status == "past_due"
+    travel(session, billing_gateway, renewal + timedelta(days=7), date(2027, 7, 1))
+    charges = session.scalars(select(Charge).order_by(Charge.attempt)).all()
+    attempt_days = [
+        session.scalar(select(Notification.created_at).where(Notification.dedupe_key == f"charge_failed:{c.id}"))
+        for c in charges
+    ]
+    assert [charge.attempt for charge in charges] == [1, 2, 3, 4, 5]
+    assert all(charge.status == "failed" and charge.gateway_code == "insufficient_funds" for charge in charges)
+    assert all(day is not None for day in attempt_days)
+    assert [charge.next_retry_on for charge in charges] == [None] * 5
+    session.refresh(subscription)
+    assert subscription.status == "suspended"
+    assert len(renewal_invoices(session, subscription.id)) == 1  # June 10 was not renewed
+    assert kinds(session).count("charge_failed") == 5
+    assert kinds(session).count("subscription_suspended") == 1
+
+
+def test_retry_dates_follow_the_dunning_schedule(session, billing_gateway):
+    seed_plans(session)
+    organization = make_organization(session, card_token="tok_do_not_honor")
+    make_subscription(session, organization, cycle="monthly", method="card", anchor=date(2027, 4, 10))
+    session.commit()
+    renewal = date(2027, 5, 10)
+    attempted_on: list[date] = []
+    for day in days(renewal, renewal + timedelta(days=8)):
+        before = session.scalar(select(func.count()).select_from(Charge))
+        run_day(session, billing_gateway, day, noon(day), runtime().config)
+        if session.scalar(select(func.count()).select_from(Charge)) > before:
+            attempted_on.append(day)
+    assert attempted_on == [renewal + timedelta(days=n) for n in (0, 1, 3, 5, 7)]
+
+
+def test_a_hard_decline_waits_for_a_new_card_then_suspends(session, billing_gateway):
+    seed_plans(session)
+    organization = make_organization(session, card_token="tok_expired")
+    subscription = make_subscription(session, organization, cycle="monthly", method="card", anchor=date(2027, 4, 10))
+    session.commit()
+    renewal = date(2027, 5, 10)
+    travel(session, billing_gateway, renewal, renewal + timedelta(days=6))
+    charge = session.scalars(select(Charge)).one()
+    assert (charge.hard_decline, charge.next_retry_on) == (True, None)
+    session.refresh(subscription)
+    assert subscription.status == "past_due"
+    travel(session, billing_gateway, renewal + timedelta(days=7), renewal + timedelta(days=7))
+    session.refresh(subscription)
+    assert subscription.status == "suspended"
+    assert session.scalar(select(func.count()).select_from(Charge)) == 1
+
+
+def test_cancel_at_period_end_ends_the_subscription_without_charging(session, billing_gateway):
+    seed_plans(session)
+    organization = make_organization(session)
+    subscription = make_subscription(session, organization, cycle="monthly", method="card", anchor=date(2027, 4, 10))
+    subscription.cancel_at_period_end = True
+    session.commit()
+    travel(session, billing_gateway, date(2027, 5, 9), date(2027, 6, 15))
+    session.refresh(subscription)
+    assert subscription.status == "canceled"
+    assert renewal_invoices(session, subscription.id) == []
+    assert session.scalar(select(Charge)) is None
+    assert kinds(session) == ["subscription_canceled"]
+
+
+def test_credit_balance_is_discounted_and_zero_invoices_are_paid_without_a_charge(session, billing_gateway):
+    seed_plans(session)
+    organization = make_organization(session)
+    subscription = make_subscription(
+        session, organization, cycle="monthly", method="card", anchor=date(2027, 4, 10), balance_cents=6_000
+    )
+    session.commit()
+    travel(session, billing_gateway, date(2027, 5, 10), date(2027, 6, 10))
+    first, second = renewal_invoices(session, subscription.id)
+    assert (first.discount_cents, first.total_cents, first.status) == (MONTHLY_PRICE, 0, "paid")
+    assert (second.discount_cents, second.total_cents, second.status) == (
+        6_000 - MONTHLY_PRICE,
+        2 * MONTHLY_PRICE - 6_000,
+        "paid",
+    )
+    charges = session.scalars(select(Charge)).all()
+    assert [(c.invoice_id, c.amount_cents) for c in charges] == [(second.id, 2 * MONTHLY_PRICE - 6_000)]
+    session.refresh(subscription)
+    assert subscription.balance_cents == 0
+
+
+def year_of_mixed_billing(session, gateway, *, runs_per_day: int) -> None:
+    seed_plans(session)
+    paying = make_organization(session, 1)
+    make_subscription(session, paying, cycle="monthly", method="card", anchor=date(2027, 1, 31))
+    declining = make_organization(session, 2, card_token="tok_do_not_honor")
+    make_subscription(session, declining, cycle="monthly", method="card", anchor=date(2027, 2, 15))
+    boleto = make_organization(session, 3, card_token=None)
+    make_subscription(session, boleto, cycle="annual", method="boleto", anchor=date(2026, 7, 1))
+    card = make_organization(session, 4)
+    make_subscription(session, card, cycle="annual", method="card", anchor=date(2026, 9, 30))
+    session.commit()
+    for day in days(date(2027, 2, 1), date(2027, 12, 31)):
+        for _ in range(runs_per_day):
+            run_day(session, gateway, day, noon(day), runtime().config)
+
+
+def test_running_every_day_twice_ends_exactly_as_once(session, billing_gateway, sandbox_gateway):
+    from tests.conftest import _reset_between
+    from tests.test_daily_run import snapshot
+
+    before = len(sandbox_gateway.ledger(kind="charge"))
+    year_of_mixed_billing(session, billing_gateway, runs_per_day=1)
+    once = snapshot(session)
+    charged_once = len(sandbox_gateway.ledger(kind="charge")) - before
+    _reset_between(session)
+    year_of_mixed_billing(session, billing_gateway, runs_per_day=2)
+    twice = snapshot(session)
+    charged_twice = len(sandbox_gateway.ledger(kind="charge")) - before - charged_once
+    assert twice == once
+    assert charged_twice == charged_once == 11 + 1  # 11 monthly renewals, 1 annual card renewal

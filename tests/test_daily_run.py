@@ -17,7 +17,7 @@ from gateways.base import ChargeRequest
 from jobs.billing_day import TASKS, process_chunk, run_billing_day, scan_run, tick_once
 from jobs.context import runtime
 from jobs.renewals import Work, renew
-from models.schema import BillingRun, Boleto, Charge, Invoice, LedgerEntry, Notification, Subscription
+from models.schema import BillingRun, Charge, Invoice, Subscription
 from tests.conftest import wait_until
 from tests.factories import make_organization, make_subscription, noon, seed_plans
 from workers.db import get_session_factory
