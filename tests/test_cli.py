@@ -42,3 +42,29 @@ def test_bad_setting_stops_with_its_name():
     result = renova("doctor", BOLETO_LEAD_DAYS="soon")
     assert result.returncode == 2
     assert "BOLETO_LEAD_DAYS" in result.stdout
+
+
+def test_run_day_waits_for_the_workers_and_prints_counts(session, worker, billing_gateway):
+    from datetime import date
+
+    from sqlalchemy import select
+
+    from models.schema import Invoice
+    from tests.factories import make_organization, make_subscription, seed_plans
+
+    seed_plans(session)
+    organization = make_organization(session)
+    make_subscription(session, organization, cycle="monthly", method="card", anchor=date(2027, 4, 10))
+    session.commit()
+
+    result = renova("run-day", "--date", "2027-05-10", "--wait", "--timeout", "60")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "renew 1" in result.stdout
+    assert "done" in result.stdout
+    assert session.scalar(select(Invoice.status).where(Invoice.kind == "renewal")) == "paid"
+
+
+def test_run_day_refuses_a_future_date_in_production(migrated_database):
+    result = renova("run-day", "--date", "2099-01-01", RENOVA_ENV="production")
+    assert result.returncode == 1
+    assert "2099-01-01 is after today" in result.stdout

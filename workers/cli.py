@@ -23,6 +23,11 @@ app.add_typer(stack_app, name="stack")
 console = Console()
 
 
+def wire() -> None:
+    """Build the broker and bind the actors; must run before any actor module is imported."""
+    import workers.broker  # noqa: F401
+
+
 def fail(message: str, code: int = 1) -> None:
     console.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(code)
@@ -206,9 +211,9 @@ def doctor(
 def _ping_worker(timeout_seconds: float = 15.0) -> bool:
     from sqlalchemy import select
 
+    wire()
     from jobs.health import ping
     from models.schema import AuditEvent
-    from workers import broker as _broker  # noqa: F401 - wires the actors
     from workers.db import get_session_factory
 
     token = uuid.uuid4().hex
@@ -233,8 +238,8 @@ def scheduler(
     import signal
     from datetime import UTC, datetime
 
+    wire()
     from jobs.billing_day import tick
-    from workers import broker as _broker  # noqa: F401 - wires the actors
 
     settings = get_settings()
     period = interval or settings.tick_interval_seconds
@@ -269,11 +274,11 @@ def run_day_command(
 
     from sqlalchemy import select, update
 
+    wire()
     from jobs.billing_day import FutureDateRefused, scan_run
     from jobs.context import runtime
     from models.calendar import local_today
     from models.schema import BillingRun
-    from workers import broker as _broker  # noqa: F401 - wires the actors
     from workers.db import get_session_factory, resolved_urls
     from workers.queues import queue_depths
 
