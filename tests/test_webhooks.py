@@ -7,7 +7,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from datetime import date, timedelta
+from datetime import date
 
 import httpx
 import pytest
@@ -95,7 +95,7 @@ def post_event(api_url: str, event: dict, *, secret: str, timestamp: int | None 
 
 
 def test_signatures_are_checked_and_events_applied_once(session, worker, billing_gateway, sandbox_gateway, api_url):
-    subscription, boleto = issued_boleto(session, billing_gateway)
+    _, boleto = issued_boleto(session, billing_gateway)
     event = {
         "id": "evt_test_1",
         "type": "boleto.paid",
