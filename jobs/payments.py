@@ -34,7 +34,7 @@ from gateways.base import (
     charge_many,
 )
 from jobs.context import BillingConfig, current_session, runtime
-from jobs.invoicing import lock_subscription, mark_invoice_paid
+from jobs.invoicing import ledger, lock_subscription, mark_invoice_paid
 from jobs.notifications import notify
 from jobs.retries import STANDARD
 from models.calendar import local_today
@@ -376,10 +376,26 @@ def record_boleto_payment(session: Session, gateway_id: str, *, amount_cents: in
     if boleto.status == BoletoStatus.PAID:
         return "already_paid"
     invoice = session.get_one(Invoice, boleto.invoice_id)
+    was_open = boleto.status in (BoletoStatus.ISSUED, BoletoStatus.OVERDUE) and invoice.status == InvoiceStatus.OPEN
     boleto.status = BoletoStatus.PAID
     boleto.paid_on, boleto.paid_at = paid_on, now
-    mark_invoice_paid(session, invoice, paid_on=paid_on, now=now, amount_cents=amount_cents, source="boleto")
-    return "paid"
+    if was_open:
+        mark_invoice_paid(session, invoice, paid_on=paid_on, now=now, amount_cents=amount_cents, source="boleto")
+        return "paid"
+    # Paid although we had cancelled it (or its invoice was voided meanwhile): the money is the
+    # customer's, kept as credit for the next invoices.
+    subscription = lock_subscription(session, invoice.subscription_id)
+    assert subscription is not None
+    subscription.balance_cents += amount_cents
+    ledger(
+        session,
+        subscription,
+        "payment_to_credit",
+        amount_cents,
+        "Pagamento de boleto cancelado convertido em crédito",
+        invoice_id=invoice.id,
+    )
+    return "credited"
 
 
 def record_boleto_expired(session: Session, gateway_id: str) -> str:

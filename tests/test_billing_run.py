@@ -363,3 +363,25 @@ def test_running_every_day_twice_ends_exactly_as_once(session, billing_gateway, 
     charged_twice = len(sandbox_gateway.ledger(kind="charge")) - before - charged_once
     assert twice == once
     assert charged_twice == charged_once == 11 + 1  # 11 monthly renewals, 1 annual card renewal
+
+
+def test_a_boleto_paid_after_we_cancelled_it_becomes_credit(session, billing_gateway, sandbox_gateway):
+    from jobs.payments import record_boleto_payment
+    from models.schema import LedgerEntry
+
+    subscription = annual_boleto(session, date(2027, 3, 10))
+    travel(session, billing_gateway, date(2028, 3, 3), date(2028, 3, 3))
+    boleto = session.scalars(select(Boleto)).one()
+    boleto.status = "canceled"
+    session.get(Invoice, boleto.invoice_id).status = "void"
+    session.commit()
+
+    outcome = record_boleto_payment(session, boleto.gateway_id, amount_cents=ANNUAL_PRICE, paid_on=date(2028, 3, 5), now=noon(date(2028, 3, 5)))
+    session.commit()
+    assert outcome == "credited"
+    session.refresh(subscription)
+    assert subscription.balance_cents == ANNUAL_PRICE
+    entry = session.scalars(select(LedgerEntry).where(LedgerEntry.kind == "payment_to_credit")).one()
+    assert entry.amount_cents == ANNUAL_PRICE
+    again = record_boleto_payment(session, boleto.gateway_id, amount_cents=ANNUAL_PRICE, paid_on=date(2028, 3, 5), now=noon(date(2028, 3, 5)))
+    assert again == "already_paid"
