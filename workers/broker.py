@@ -3,6 +3,8 @@ every worker process; any other process that sends messages imports it too."""
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import (
@@ -16,6 +18,7 @@ from dramatiq.middleware import (
 )
 
 import jobs
+from gateways.base import Gateway
 from jobs.context import BillingConfig, Runtime, configure
 from workers.db import get_session_factory, resolved_urls
 from workers.mail import mailer_from_settings
@@ -81,7 +84,9 @@ def build_broker(redis_url: str) -> RedisBroker:
     return broker
 
 
-def gateway_factory():
+@lru_cache(maxsize=1)
+def gateway_factory() -> Gateway:
+    """One gateway client per process: its connection pool and charge threads are shared."""
     from gateways.http import HttpGateway
 
     return HttpGateway.from_settings(get_settings())
