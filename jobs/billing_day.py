@@ -230,21 +230,25 @@ def process_ids(
     gateway: Gateway,
     config: BillingConfig,
 ) -> ChunkResult:
-    """Run a task's handler over ids, each in its own transaction; a failing id is rolled back and
-    reported, never failing its neighbours. The chunk's card charges go out as one concurrent batch."""
+    """Run a task's handler over ids in one transaction, each id in its own savepoint: a failing id
+    is rolled back and reported, never failing its neighbours. Gateway work (the chunk's card
+    charges as one concurrent batch, its boletos) happens after that transaction commits."""
     task = TASKS[task_name]
     work = Work(on=on, now=now, config=config, gateway=gateway)
     failed: list[int] = []
     for item_id in ids:
+        savepoint = session.begin_nested()
         try:
             task.handle(session, item_id, work)
+            savepoint.commit()
         except Exception:
-            session.rollback()
+            savepoint.rollback()
             if len(ids) == 1:
                 raise
             logger.exception("%s failed for id %s on %s; retried on its own", task_name, item_id, on)
             failed.append(item_id)
-    renewals.settle_charges(session, work)
+    session.commit()
+    renewals.settle_gateway_work(session, work)
     return ChunkResult(work.done, failed)
 
 

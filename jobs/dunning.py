@@ -29,7 +29,6 @@ def suspend_on(overdue_day: date, grace_business_days: int) -> date:
 def mark_boleto_overdue(session: Session, boleto_id: int, work: Work) -> None:
     boleto = session.scalar(select(Boleto).where(Boleto.id == boleto_id).with_for_update())
     if boleto is None or boleto.status != BoletoStatus.ISSUED or overdue_on(boleto.due_date) > work.on:
-        session.commit()
         return
     invoice = session.get_one(Invoice, boleto.invoice_id)
     subscription = lock_subscription(session, invoice.subscription_id)
@@ -54,7 +53,6 @@ def mark_boleto_overdue(session: Session, boleto_id: int, work: Work) -> None:
             },
         )
     work.done += 1
-    session.commit()
 
 
 def suspend_for_boleto(session: Session, boleto_id: int, work: Work) -> None:
@@ -65,7 +63,6 @@ def suspend_for_boleto(session: Session, boleto_id: int, work: Work) -> None:
         or boleto.overdue_on is None
         or suspend_on(boleto.overdue_on, work.config.boleto_grace_business_days) > work.on
     ):
-        session.commit()
         return
     invoice = session.get_one(Invoice, boleto.invoice_id)
     subscription = lock_subscription(session, invoice.subscription_id)
@@ -73,7 +70,6 @@ def suspend_for_boleto(session: Session, boleto_id: int, work: Work) -> None:
     if invoice.status == InvoiceStatus.OPEN and subscription.status != SubscriptionStatus.SUSPENDED:
         suspend(session, subscription, invoice, now=work.now, reason="boleto")
         work.done += 1
-    session.commit()
 
 
 def last_retry_day(invoice: Invoice, work: Work) -> date:
@@ -104,4 +100,3 @@ def suspend_for_card(session: Session, invoice_id: int, work: Work) -> None:
     ):
         suspend(session, subscription, invoice, now=work.now, reason="card")
         work.done += 1
-    session.commit()

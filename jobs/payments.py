@@ -9,6 +9,7 @@ An `unknown` or stale `pending` attempt is only ever resolved by looking its key
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -48,6 +49,7 @@ from models.states import (
 )
 
 jobs.require_broker()
+logger = logging.getLogger(__name__)
 
 ChargeOutcome = ChargeResult | GatewayError
 # What a resolved attempt means for its invoice depends on why the invoice exists (a renewal's
@@ -204,10 +206,19 @@ def charge_and_record(
     outcomes = execute_charges(session, gateway, prepared)
     statuses: dict[int, str] = {}
     for item, outcome in zip(prepared, outcomes, strict=True):
-        statuses[item.charge_id] = record_charge_outcome(
-            session, item.charge_id, outcome, on=on, now=now, config=config
-        )
-        session.commit()
+        # One savepoint per attempt: recording one outcome can never undo its neighbours'. An
+        # attempt whose recording failed stays pending, and the janitor reconciles it by its key.
+        savepoint = session.begin_nested()
+        try:
+            statuses[item.charge_id] = record_charge_outcome(
+                session, item.charge_id, outcome, on=on, now=now, config=config
+            )
+            savepoint.commit()
+        except Exception:
+            savepoint.rollback()
+            logger.exception("could not record the outcome of charge %s; left for reconciliation", item.charge_id)
+            statuses[item.charge_id] = ChargeStatus.PENDING
+    session.commit()
     return statuses
 
 

@@ -49,7 +49,10 @@ class Work:
     config: BillingConfig
     gateway: Gateway
     done: int = 0
+    # Gateway work, done once the chunk's transaction has committed (never inside it).
     charges: list[PreparedCharge] = field(default_factory=list)
+    boleto_invoices: list[int] = field(default_factory=list)
+    boletos_to_cancel: list[str] = field(default_factory=list)
 
 
 def charge_description(invoice: Invoice) -> str:
@@ -84,12 +87,11 @@ def issue_renewal_boleto(session: Session, subscription_id: int, work: Work) -> 
             work.done += 1
             if invoice.total_cents == 0:
                 mark_invoice_paid(session, invoice, paid_on=work.on, now=work.now, amount_cents=0, source="crédito")
-    session.commit()
-    issue_missing_boletos(session, subscription_id, work)
+    queue_missing_boletos(session, subscription_id, work)
 
 
-def issue_missing_boletos(session: Session, subscription_id: int, work: Work) -> None:
-    """Every open boleto invoice of the subscription without its boleto (an interrupted issue)."""
+def queue_missing_boletos(session: Session, subscription_id: int, work: Work) -> None:
+    """Every open boleto invoice of the subscription without its boleto (new, or an interrupted issue)."""
     missing = session.scalars(
         select(Invoice.id).where(
             Invoice.subscription_id == subscription_id,
@@ -98,9 +100,7 @@ def issue_missing_boletos(session: Session, subscription_id: int, work: Work) ->
             ~select(Boleto.id).where(Boleto.invoice_id == Invoice.id).exists(),
         )
     ).all()
-    session.commit()
-    for invoice_id in missing:
-        issue_boleto(session, work.gateway, invoice_id)
+    work.boleto_invoices.extend(missing)
 
 
 # --- T: the renewal ------------------------------------------------------------------------------
@@ -110,18 +110,14 @@ def renew(session: Session, subscription_id: int, work: Work) -> None:
     """Apply the pending switch, invoice the new period, advance, and prepare the card charge."""
     subscription = lock_subscription(session, subscription_id)
     if subscription is None or subscription.current_period_end > work.on:
-        session.commit()
         return
     if subscription.status == SubscriptionStatus.CANCELED:
-        session.commit()
         return
     if subscription.cancel_at_period_end:
         end_subscription(session, subscription, work)
-        session.commit()
         return
     if subscription.status == SubscriptionStatus.SUSPENDED:
-        session.commit()  # not renewed while its outstanding invoice is unpaid
-        return
+        return  # not renewed while its outstanding invoice is unpaid
 
     renewal = subscription.current_period_end
     if subscription.pending_payment_method:
@@ -167,9 +163,8 @@ def renew(session: Session, subscription_id: int, work: Work) -> None:
             charge = open_charge_attempt(session, invoice, card)
             if charge is not None:
                 work.charges.append(prepare(charge, charge_description(invoice)))
-    session.commit()
     if invoice.method == PaymentMethod.BOLETO:
-        issue_missing_boletos(session, subscription.id, work)
+        queue_missing_boletos(session, subscription.id, work)
 
 
 def no_card_on_file(session: Session, subscription: Subscription, invoice: Invoice) -> None:
@@ -199,7 +194,6 @@ def end_subscription(session: Session, subscription: Subscription, work: Work) -
     subscription.canceled_at = work.now
     subscription.pending_payment_method = None
     upcoming = renewal_invoice(session, subscription.id, subscription.current_period_end)
-    boleto_to_cancel: str | None = None
     if upcoming is not None and upcoming.status == InvoiceStatus.OPEN:
         upcoming.status = InvoiceStatus.VOID
         if upcoming.discount_cents:
@@ -207,7 +201,7 @@ def end_subscription(session: Session, subscription: Subscription, work: Work) -
         boleto = session.scalar(select(Boleto).where(Boleto.invoice_id == upcoming.id))
         if boleto is not None and boleto.status in (BoletoStatus.ISSUED, BoletoStatus.OVERDUE):
             boleto.status = BoletoStatus.CANCELED
-            boleto_to_cancel = boleto.gateway_id
+            work.boletos_to_cancel.append(boleto.gateway_id)
     notify(
         session,
         organization_id=subscription.organization_id,
@@ -217,12 +211,6 @@ def end_subscription(session: Session, subscription: Subscription, work: Work) -
         context={"ended_on": subscription.current_period_end.isoformat()},
     )
     work.done += 1
-    if boleto_to_cancel:
-        session.commit()
-        try:
-            work.gateway.cancel_boleto(boleto_to_cancel)
-        except GatewayError:
-            logger.warning("boleto %s voided here but not cancelled at the gateway", boleto_to_cancel)
 
 
 # --- T + n: card retries ---------------------------------------------------------------------------
@@ -244,19 +232,16 @@ def retry_charge(session: Session, invoice_id: int, work: Work) -> None:
         )
     )
     if due is None:
-        session.commit()
         return
     card = session.scalar(select(Card).where(Card.organization_id == invoice.organization_id))
     if invoice.status != InvoiceStatus.OPEN or subscription.status == SubscriptionStatus.CANCELED or card is None:
         for charge in session.scalars(select(Charge).where(Charge.invoice_id == invoice_id)):
             charge.next_retry_on = None
-        session.commit()
         return
     charge = open_charge_attempt(session, invoice, card)
     if charge is not None:
         work.charges.append(prepare(charge, charge_description(invoice)))
         work.done += 1
-    session.commit()
 
 
 # --- notices ahead of time -------------------------------------------------------------------------
@@ -285,7 +270,6 @@ def send_boleto_reminder(session: Session, boleto_id: int, work: Work) -> None:
         },
     )
     work.done += created is not None
-    session.commit()
 
 
 def send_renewal_notice(session: Session, subscription_id: int, work: Work) -> None:
@@ -315,13 +299,21 @@ def send_renewal_notice(session: Session, subscription_id: int, work: Work) -> N
         },
     )
     work.done += created is not None
-    session.commit()
 
 
-def settle_charges(session: Session, work: Work) -> dict[int, str]:
-    """Phases 2 and 3 for the attempts a chunk prepared: one concurrent batch of gateway calls."""
-    if not work.charges:
-        return {}
-    statuses = charge_and_record(session, work.gateway, work.charges, on=work.on, now=work.now, config=work.config)
-    work.charges.clear()
+def settle_gateway_work(session: Session, work: Work) -> dict[int, str]:
+    """After the chunk's commit: its card charges as one concurrent batch, then its boletos."""
+    statuses: dict[int, str] = {}
+    if work.charges:
+        statuses = charge_and_record(session, work.gateway, work.charges, on=work.on, now=work.now, config=work.config)
+        work.charges.clear()
+    for invoice_id in dict.fromkeys(work.boleto_invoices):
+        issue_boleto(session, work.gateway, invoice_id)
+    work.boleto_invoices.clear()
+    for gateway_id in work.boletos_to_cancel:
+        try:
+            work.gateway.cancel_boleto(gateway_id)
+        except GatewayError:
+            logger.warning("boleto %s voided here but not cancelled at the gateway; it expires unpaid", gateway_id)
+    work.boletos_to_cancel.clear()
     return statuses

@@ -4,6 +4,7 @@ see it. Business outcomes (declines, rule violations) are recorded by the flows,
 
 from __future__ import annotations
 
+import smtplib
 from collections.abc import Callable
 
 import redis
@@ -11,7 +12,14 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from gateways.base import Unavailable
 
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OperationalError, redis.RedisError, Unavailable)
+# OSError and SMTPException: a mail server that is down, slow or refusing for now (the SMTP mailer).
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OperationalError,
+    redis.RedisError,
+    Unavailable,
+    OSError,
+    smtplib.SMTPException,
+)
 
 
 def is_transient(error: BaseException) -> bool:

@@ -57,7 +57,23 @@ def _test_urls() -> tuple[str, str]:
 
 
 _DATABASE_URL, _REDIS_URL = _test_urls()
+
+
+def _start_mail_sink() -> str:
+    """A real SMTP server in this process for the notices the flows send (no detached sink)."""
+    import atexit
+    import tempfile
+
+    from workers.mail import MailSink
+
+    sink = MailSink(Path(tempfile.mkdtemp(prefix="renova-test-mail-")))
+    sink.start()
+    atexit.register(sink.stop)
+    return sink.url
+
+
 os.environ.update(
+    SMTP_URL=os.environ.get("TEST_SMTP_URL") or _start_mail_sink(),
     DATABASE_URL=_DATABASE_URL,
     REDIS_URL=_REDIS_URL,
     RENOVA_ENV="test",

@@ -202,7 +202,8 @@ def test_worker_killed_before_calling_the_gateway(session, worker, billing_gatew
     subscription = card_subscription(session, 1, DAY)
     session.commit()
     work = Work(on=DAY, now=noon(DAY), config=runtime().config, gateway=billing_gateway)
-    renew(session, subscription.id, work)  # phase 1 committed, then the worker dies: no phase 2
+    renew(session, subscription.id, work)
+    session.commit()  # phase 1 committed, then the worker dies: no phase 2
     charge = session.scalars(select(Charge)).one()
     assert charge.status == "pending"
 
@@ -219,6 +220,7 @@ def test_worker_killed_after_the_gateway_charged(session, worker, billing_gatewa
     session.commit()
     work = Work(on=DAY, now=noon(DAY), config=runtime().config, gateway=billing_gateway)
     renew(session, subscription.id, work)
+    session.commit()
     request: ChargeRequest = work.charges[0].request
     billing_gateway.charge(request.card_token, request.amount_cents, request.idempotency_key, request.description)
     # ... and the worker dies before recording the outcome.

@@ -113,7 +113,9 @@ def stack_start() -> None:
 def stack_stop() -> None:
     """Stop the embedded PostgreSQL and Redis cleanly."""
     from workers.embedded import EmbeddedStack
+    from workers.mail import stop_mail_sink
 
+    stop_mail_sink(get_settings().data_dir)
     EmbeddedStack(get_settings().data_dir).stop()
     console.print("embedded stack stopped")
 
