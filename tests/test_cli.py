@@ -68,3 +68,47 @@ def test_run_day_refuses_a_future_date_in_production(migrated_database):
     result = renova("run-day", "--date", "2099-01-01", RENOVA_ENV="production")
     assert result.returncode == 1
     assert "2099-01-01 is after today" in result.stdout
+
+
+def test_scheduler_process_bills_todays_renewals_with_a_worker(session, worker, billing_gateway):
+    """The `clock` process as it runs in production: a real `renova scheduler` sending ticks."""
+    import signal
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import select, text
+
+    from models.calendar import local_today
+    from models.schema import BillingRun, Invoice
+    from tests.conftest import wait_until
+    from tests.factories import make_organization, make_subscription, seed_plans
+    from workers.db import get_session_factory
+
+    today = local_today(datetime.now(UTC))
+    seed_plans(session)
+    organization = make_organization(session)
+    make_subscription(session, organization, cycle="monthly", method="card", anchor=today - timedelta(days=31))
+    # Whatever the month lengths, this subscription's period ends today.
+    session.execute(text("UPDATE subscriptions SET current_period_end = :today"), {"today": today})
+    session.commit()
+
+    scheduler = subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "scheduler", "--interval", "0.3"],
+        cwd=ROOT,
+        env={**os.environ, "BILLING_RUN_AT": "00:00"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+
+        def paid() -> bool:
+            with get_session_factory()() as own:
+                return own.scalar(select(Invoice.status).where(Invoice.kind == "renewal")) == "paid"
+
+        wait_until(paid, timeout=30)
+    finally:
+        scheduler.send_signal(signal.SIGTERM)
+        output, _ = scheduler.communicate(timeout=10)
+    assert scheduler.returncode == 0, output
+    assert "tick every 0.3s" in output
+    assert session.scalar(select(BillingRun.run_date)) == today
