@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import importlib
 
-ACTOR_MODULES: tuple[str, ...] = ("jobs.health", "jobs.notifications", "jobs.payments", "jobs.billing_day")
+ACTOR_MODULES: tuple[str, ...] = (
+    "jobs.health",
+    "jobs.notifications",
+    "jobs.payments",
+    "jobs.billing_day",
+    "jobs.changes",
+)
 
 
 def require_broker() -> None:

@@ -204,3 +204,39 @@ def has_other_past_due(session: Session, subscription_id: int, invoice_id: int, 
         )
         is not None
     )
+
+
+def void_invoice(
+    session: Session,
+    subscription: Subscription,
+    invoice: Invoice,
+    *,
+    description: str,
+    change_request_id: int | None = None,
+) -> str | None:
+    """Void an open invoice: its credit discount goes back to the balance (ledger `credit_restored`)
+    and its unpaid boleto is marked canceled here. Returns that boleto's gateway id, which the caller
+    cancels at the gateway after committing (never inside the transaction); None when there is none.
+    """
+    from models.schema import Boleto
+    from models.states import BoletoStatus
+
+    if invoice.status != InvoiceStatus.OPEN:
+        return None
+    invoice.status = InvoiceStatus.VOID
+    if invoice.discount_cents:
+        subscription.balance_cents += invoice.discount_cents
+        ledger(
+            session,
+            subscription,
+            "credit_restored",
+            invoice.discount_cents,
+            description,
+            invoice_id=invoice.id,
+            change_request_id=change_request_id,
+        )
+    boleto = session.scalar(select(Boleto).where(Boleto.invoice_id == invoice.id).with_for_update())
+    if boleto is not None and boleto.status in (BoletoStatus.ISSUED, BoletoStatus.OVERDUE):
+        boleto.status = BoletoStatus.CANCELED
+        return boleto.gateway_id
+    return None

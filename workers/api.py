@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Iterator
-from datetime import UTC, datetime
-from typing import Annotated
+from collections.abc import Callable, Coroutine, Iterator
+from datetime import UTC, date, datetime
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request, status
+from fastapi import APIRouter, Body, Depends, FastAPI, Header, HTTPException, Request, Response, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy import select
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints, field_validator
+from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from gateways.webhooks import InvalidSignature, verify
+from jobs.contract import ChangeRequestIn, describe_field_errors, field_errors
 from workers.settings import Settings, get_settings
 
 
@@ -96,6 +100,432 @@ async def gateway_webhook(
     send_after_commit(session, process_gateway_event, event_id)
     session.commit()
     return {"status": "accepted"}
+
+
+# --- the main application's API: organizations, change requests, subscriptions ------------------
+
+
+class _ContractRoute(APIRoute):
+    """Answers a request of the wrong shape with 422 and Renova's error body, field by field,
+    without echoing the values (a misplaced card number must not come back in a response or a log)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                fields = field_errors(list(exc.errors()), skip=("body",))
+                raise HTTPException(
+                    422,
+                    detail={"code": "invalid_request", "message": describe_field_errors(fields), "fields": fields},
+                ) from None
+
+        return route
+
+
+class FieldError(BaseModel):
+    field: str = Field(examples=["to_cycle"])
+    code: str = Field(examples=["literal_error"])
+    message: str
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(examples=["boleto_already_issued"])
+    message: str = Field(description="pt-BR, for people")
+    fields: list[FieldError] | None = Field(None, description="422 only: what is wrong with each field")
+    details: dict[str, Any] | None = Field(None, description="facts behind a rejection, e.g. the deadline")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "missing or invalid API key"},
+    422: {"model": ErrorBody, "description": "invalid_request: the body, path or headers have the wrong shape"},
+}
+
+Email = Annotated[str, StringConstraints(strip_whitespace=True, min_length=3, max_length=254)]
+
+
+class MemberIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: StrictInt = Field(gt=0, description="The member's id in the main application (unique across organizations)")
+    name: Annotated[str, StringConstraints(max_length=200)] = ""
+    email: Email | None = None
+    role: Literal["owner", "admin", "member"]
+    financial_responsible: StrictBool = False
+    active: StrictBool = True
+
+    @field_validator("email")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and ("@" not in value or any(char.isspace() for char in value)):
+            raise ValueError("e-mail inválido")
+        return value
+
+
+class OrganizationIn(BaseModel):
+    """Renova's copy of an organization: sent whenever it changes in the main application."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+    document: str | None = Field(None, description="CPF or CNPJ (alphanumeric CNPJ accepted); needed for boletos")
+    members: list[MemberIn] = Field(default_factory=list, description="All of them: members absent become inactive")
+
+
+class MemberOut(BaseModel):
+    id: int
+    name: str
+    email: str | None
+    role: str
+    financial_responsible: bool
+    active: bool
+    can_change_billing: bool
+
+
+class OrganizationOut(BaseModel):
+    id: int
+    name: str
+    document: str | None
+    members: list[MemberOut]
+
+
+class ChangeRequestOut(BaseModel):
+    id: int
+    organization_id: int
+    subscription_id: int | None
+    requested_by: int | None
+    idempotency_key: str
+    kind: str
+    source: Literal["api", "queue"] | str
+    status: Literal["pending", "applied", "rejected"] | str
+    params: dict[str, Any] = Field(description="the kind's parameters as recorded (a card token is masked)")
+    error: ErrorDetail | None
+    result: dict[str, Any] | None = Field(description="e.g. the proration quote, the new renewal date, the boleto")
+    created_at: datetime
+    processed_at: datetime | None
+
+
+class BoletoOut(BaseModel):
+    digitable_line: str = Field(description="linha digitável")
+    barcode: str
+    due_date: date
+    amount_cents: int
+    status: str
+
+
+class InvoiceOut(BaseModel):
+    id: int
+    kind: str
+    cycle: str
+    period_start: date
+    period_end: date
+    amount_cents: int
+    discount_cents: int
+    total_cents: int
+    status: str
+    method: str
+    due_date: date
+    boleto: BoletoOut | None
+
+
+class SubscriptionOut(BaseModel):
+    id: int
+    organization_id: int
+    product: str
+    status: str
+    cycle: str
+    payment_method: str
+    pending_payment_method: str | None
+    effective_payment_method: str = Field(description="what pays the next renewal")
+    billing_anchor: date
+    current_period_start: date
+    current_period_end: date
+    renewal_date: date
+    balance_cents: int = Field(description="credit discounted from the next invoice")
+    cancel_at_period_end: bool
+    canceled_at: datetime | None
+    open_invoices: list[InvoiceOut]
+
+
+_COMMON_FIELDS = ("organization_id", "subscription_id", "requested_by", "idempotency_key", "kind")
+
+
+def _change_request_out(request: Any) -> ChangeRequestOut:
+    params = {key: value for key, value in (request.payload or {}).items() if key not in _COMMON_FIELDS}
+    if isinstance(params.get("token"), str):
+        params["token"] = params["token"][:4] + "…"
+    result = dict(request.result) if request.result else None
+    error = None
+    if request.error_code:
+        details = (result or {}).pop("error_details", None)
+        fields = details.get("fields") if isinstance(details, dict) else None
+        error = ErrorDetail(
+            code=request.error_code, message=request.error_message or "", fields=fields, details=details
+        )
+    return ChangeRequestOut(
+        id=request.id,
+        organization_id=request.organization_id,
+        subscription_id=request.subscription_id,
+        requested_by=request.requested_by,
+        idempotency_key=request.idempotency_key,
+        kind=request.kind,
+        source=request.source,
+        status=request.status,
+        params=params,
+        error=error,
+        result=result or None,
+        created_at=request.created_at,
+        processed_at=request.processed_at,
+    )
+
+
+def _organization_out(session: Session, organization: Any) -> OrganizationOut:
+    from models.policy import can_change_billing
+    from models.schema import Member
+
+    members = session.scalars(select(Member).where(Member.organization_id == organization.id).order_by(Member.id))
+    return OrganizationOut(
+        id=organization.id,
+        name=organization.name,
+        document=organization.document,
+        members=[
+            MemberOut(
+                id=member.id,
+                name=member.name,
+                email=member.email,
+                role=member.role,
+                financial_responsible=member.financial_responsible,
+                active=member.active,
+                can_change_billing=can_change_billing(
+                    role=member.role, financial_responsible=member.financial_responsible, active=member.active
+                ),
+            )
+            for member in members
+        ],
+    )
+
+
+def _not_found(what: str) -> HTTPException:
+    return HTTPException(status.HTTP_404_NOT_FOUND, detail={"code": "not_found", "message": f"{what} não encontrada"})
+
+
+contract = APIRouter(route_class=_ContractRoute, responses=_ERRORS)
+
+
+@contract.put(
+    "/organizations/{organization_id}",
+    response_model=OrganizationOut,
+    tags=["organizations"],
+    responses={409: {"model": ErrorBody, "description": "a member id belongs to another organization"}},
+)
+def put_organization(organization_id: int, body: OrganizationIn, session: SessionDep) -> OrganizationOut:
+    """Create or update Renova's copy of an organization, its CPF/CNPJ and its members.
+
+    The main application sends it whenever any of it changes; members absent from the body become
+    inactive (they can no longer change billing nor receive notices)."""
+    from models.policy import RuleViolation, normalize_document
+    from models.schema import Member, Organization
+
+    if organization_id <= 0:
+        raise _invalid("organization_id", "deve ser um número positivo")
+    document = None
+    if body.document is not None and body.document.strip():
+        try:
+            document = normalize_document(body.document)
+        except RuleViolation as violation:
+            raise _invalid("document", violation.message, code=violation.code) from None
+    ids = [member.id for member in body.members]
+    if len(ids) != len(set(ids)):
+        raise _invalid("members", "há membros repetidos (mesmo id)")
+    foreign = session.scalar(select(Member.id).where(Member.id.in_(ids), Member.organization_id != organization_id))
+    if foreign is not None:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail={"code": "member_conflict", "message": f"O membro {foreign} pertence a outra organização."},
+        )
+    session.execute(
+        insert(Organization)
+        .values(id=organization_id, name=body.name, document=document)
+        .on_conflict_do_update(
+            index_elements=["id"], set_={"name": body.name, "document": document, "updated_at": datetime.now(UTC)}
+        )
+    )
+    for member in body.members:
+        values = member.model_dump()
+        values.pop("id")
+        session.execute(
+            insert(Member)
+            .values(id=member.id, organization_id=organization_id, **values)
+            .on_conflict_do_update(
+                index_elements=["id"],
+                set_={**values, "updated_at": datetime.now(UTC)},
+                where=Member.organization_id == organization_id,
+            )
+        )
+    absent = update(Member).where(Member.organization_id == organization_id)
+    if ids:
+        absent = absent.where(Member.id.not_in(ids))
+    session.execute(absent.values(active=False))
+    session.commit()
+    organization = session.get_one(Organization, organization_id, populate_existing=True)
+    return _organization_out(session, organization)
+
+
+def _invalid(field: str, message: str, *, code: str = "invalid_request") -> HTTPException:
+    return HTTPException(
+        422,
+        detail={"code": code, "message": message, "fields": [{"field": field, "code": code, "message": message}]},
+    )
+
+
+@contract.post(
+    "/change-requests",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=ChangeRequestOut,
+    tags=["change requests"],
+    responses={
+        400: {"model": ErrorBody, "description": "idempotency_key_required"},
+        409: {"model": ErrorBody, "description": "idempotency_conflict: the key was used for another body"},
+    },
+)
+def post_change_request(
+    body: Annotated[ChangeRequestIn, Body()],
+    session: SessionDep,
+    response: Response,
+    idempotency_key: Annotated[
+        str | None, Header(description="Unique per organization and user action; replays return the same request")
+    ] = None,
+) -> ChangeRequestOut:
+    """Record a change request and process it in the background (202, `status: pending`).
+
+    Poll `GET /v1/change-requests/{id}` for `applied` (with its `result`) or `rejected` (with its
+    `error`). The same Idempotency-Key with the same body returns the same request; with another body, 409.
+    """
+    from jobs.changes import IdempotencyKeyReused, process_change_request, record_change_request
+    from jobs.outbox import send_after_commit
+
+    key = (idempotency_key or "").strip()
+    if not key or len(key) > 255:
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST,
+            detail={
+                "code": "idempotency_key_required",
+                "message": "Envie o cabeçalho Idempotency-Key (1 a 255 caracteres), único por ação do usuário.",
+            },
+        )
+    if body.idempotency_key is not None and body.idempotency_key != key:
+        raise _invalid("idempotency_key", "difere do cabeçalho Idempotency-Key")
+    data = body.model_dump(mode="json")
+    data["idempotency_key"] = key
+    try:
+        recorded = record_change_request(session, data, source="api", now=datetime.now(UTC))
+    except IdempotencyKeyReused as exc:
+        session.rollback()
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail={
+                "code": "idempotency_conflict",
+                "message": "Esta Idempotency-Key já foi usada para outra solicitação desta organização.",
+                "details": {"change_request_id": exc.existing.id},
+            },
+        ) from None
+    request = recorded.request
+    if request.status == "pending":
+        # After the commit: a worker must never look for a row that is not there yet. A replay of a
+        # request still pending asks again, which is harmless.
+        send_after_commit(session, process_change_request, request.id)
+    if not recorded.created:
+        response.headers["Idempotent-Replayed"] = "true"
+    session.commit()
+    return _change_request_out(request)
+
+
+@contract.get(
+    "/change-requests/{change_request_id}",
+    response_model=ChangeRequestOut,
+    tags=["change requests"],
+    responses={404: {"model": ErrorBody}},
+)
+def get_change_request(change_request_id: int, session: SessionDep) -> ChangeRequestOut:
+    """A change request: `pending`, `applied` with its `result`, or `rejected` with its `error`."""
+    from models.schema import ChangeRequest
+
+    request = session.get(ChangeRequest, change_request_id)
+    if request is None:
+        raise _not_found("Solicitação")
+    return _change_request_out(request)
+
+
+@contract.get(
+    "/subscriptions/{subscription_id}",
+    response_model=SubscriptionOut,
+    tags=["subscriptions"],
+    responses={404: {"model": ErrorBody}},
+)
+def get_subscription(subscription_id: int, session: SessionDep) -> SubscriptionOut:
+    """A subscription as "Minhas assinaturas" shows it, with its open invoices and their boletos."""
+    from models.schema import Boleto, Invoice, Subscription
+
+    subscription = session.get(Subscription, subscription_id)
+    if subscription is None:
+        raise _not_found("Assinatura")
+    rows = session.execute(
+        select(Invoice, Boleto)
+        .outerjoin(Boleto, Boleto.invoice_id == Invoice.id)
+        .where(Invoice.subscription_id == subscription.id, Invoice.status == "open")
+        .order_by(Invoice.due_date, Invoice.id)
+    ).all()
+    return SubscriptionOut(
+        id=subscription.id,
+        organization_id=subscription.organization_id,
+        product=subscription.product,
+        status=subscription.status,
+        cycle=subscription.cycle,
+        payment_method=subscription.payment_method,
+        pending_payment_method=subscription.pending_payment_method,
+        effective_payment_method=subscription.effective_payment_method,
+        billing_anchor=subscription.billing_anchor,
+        current_period_start=subscription.current_period_start,
+        current_period_end=subscription.current_period_end,
+        renewal_date=subscription.current_period_end,
+        balance_cents=subscription.balance_cents,
+        cancel_at_period_end=subscription.cancel_at_period_end,
+        canceled_at=subscription.canceled_at,
+        open_invoices=[
+            InvoiceOut(
+                id=invoice.id,
+                kind=invoice.kind,
+                cycle=invoice.cycle,
+                period_start=invoice.period_start,
+                period_end=invoice.period_end,
+                amount_cents=invoice.amount_cents,
+                discount_cents=invoice.discount_cents,
+                total_cents=invoice.total_cents,
+                status=invoice.status,
+                method=invoice.method,
+                due_date=invoice.due_date,
+                boleto=BoletoOut(
+                    digitable_line=boleto.digitable_line,
+                    barcode=boleto.barcode,
+                    due_date=boleto.due_date,
+                    amount_cents=boleto.amount_cents,
+                    status=boleto.status,
+                )
+                if boleto is not None
+                else None,
+            )
+            for invoice, boleto in rows
+        ],
+    )
+
+
+v1.include_router(contract)
 
 
 def create_app() -> FastAPI:
