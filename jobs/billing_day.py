@@ -66,6 +66,7 @@ def scan_boletos_to_issue(on: date, config: BillingConfig) -> Select[Any]:
             Invoice.subscription_id == Subscription.id,
             Invoice.kind == InvoiceKind.RENEWAL,
             Invoice.period_start == Subscription.current_period_end,
+            Invoice.status != InvoiceStatus.VOID,
         )
         .exists()
     )
@@ -446,6 +447,16 @@ def _requeue_gateway_events(session: Session, now: datetime) -> int:
     ).all()
     for event_id in ids:
         send_after_commit(session, process_gateway_event, event_id)
+    return len(ids)
+
+
+@stale_work("change_requests")
+def _requeue_change_requests(session: Session, now: datetime) -> int:
+    from jobs.changes import pending_change_request_ids, process_change_request
+
+    ids = pending_change_request_ids(session, older_than=now - STALE_WORK)
+    for change_request_id in ids:
+        send_after_commit(session, process_change_request, change_request_id)
     return len(ids)
 
 

@@ -51,7 +51,7 @@ from jobs.invoicing import (
     plan_price,
     void_invoice,
 )
-from jobs.notifications import DECLINE_REASONS, enqueue_after_commit, notify
+from jobs.notifications import DECLINE_REASONS, notify
 from jobs.outbox import send_after_commit
 from jobs.payments import (
     PreparedCharge,
@@ -104,7 +104,6 @@ CARD_EXPIRED: Final = "card_expired"
 DOCUMENT_REQUIRED: Final = "document_required"
 CANCELLATION_ALREADY_SCHEDULED: Final = "cancellation_already_scheduled"
 CANCELLATION_NOT_SCHEDULED: Final = "cancellation_not_scheduled"
-RENEWAL_BOLETO_CANCELED: Final = "renewal_boleto_canceled"
 
 # Every code a request can be rejected with, for the README and the API's documentation.
 ERROR_CODES: Final[dict[str, str]] = {
@@ -127,7 +126,6 @@ ERROR_CODES: Final[dict[str, str]] = {
     policy.PAYMENT_DECLINED: "the immediate card charge was declined; nothing changed",
     CANCELLATION_ALREADY_SCHEDULED: "cancel asked twice",
     CANCELLATION_NOT_SCHEDULED: "resume asked with no cancellation scheduled",
-    RENEWAL_BOLETO_CANCELED: "resume inside the boleto window after the cancel voided the renewal's boleto",
 }
 
 # Ledger kinds that move the subscription's credit balance (`balance_cents` is their running sum).
@@ -229,8 +227,7 @@ def record_change_request(session: Session, payload: Any, *, source: str, now: d
         return Recorded(existing, created=False)
     request = session.get_one(ChangeRequest, request_id)
     if violation is not None:
-        notices = _reject(session, request, violation, now=now)
-        enqueue_after_commit(session, notices)
+        _reject(session, request, violation, now=now)
     return Recorded(request, created=True)
 
 
@@ -344,7 +341,6 @@ def _authorize(run: _Run, requested_by: int) -> None:
 
 
 def _send_after_commit(run: _Run) -> None:
-    enqueue_after_commit(run.session, run.notices)
     for gateway_id in run.boletos_to_cancel:
         send_after_commit(run.session, cancel_boleto_at_gateway, gateway_id)
 
@@ -1242,16 +1238,8 @@ def _reissue_renewal_boleto(run: _Run, subscription: Subscription) -> int | None
         method=PaymentMethod.BOLETO,
         due_date=policy.late_boleto_due_date(renewal, on, config.boleto_due_days),
     )
-    if invoice is None:
-        # The voided invoice still holds the renewal's unique slot (uq_invoices_renewal_period counts
-        # void invoices), so the renewal could not be billed again: refuse rather than renew for free.
-        raise RuleViolation(
-            RENEWAL_BOLETO_CANCELED,
-            f"O boleto da renovação de {format_date_br(renewal)} foi cancelado junto com a assinatura e não "
-            "pode ser emitido novamente por aqui. Fale com o suporte para manter a assinatura.",
-            renewal_date=renewal,
-            invoice_id=voided,
-        )
+    if invoice is None:  # billed meanwhile by the daily run: that invoice stands
+        return None
     run.boleto_invoices.append(invoice.id)
     return invoice.id
 

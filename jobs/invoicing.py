@@ -84,7 +84,8 @@ def create_renewal_invoice(
             due_date=due_date,
         )
         .on_conflict_do_nothing(
-            index_elements=["subscription_id", "period_start"], index_where=text("kind = 'renewal'")
+            index_elements=["subscription_id", "period_start"],
+            index_where=text("kind = 'renewal' AND status <> 'void'"),
         )
         .returning(Invoice.id)
     )
@@ -103,6 +104,7 @@ def renewal_invoice(session: Session, subscription_id: int, period_start: date) 
             Invoice.subscription_id == subscription_id,
             Invoice.period_start == period_start,
             Invoice.kind == InvoiceKind.RENEWAL,
+            Invoice.status != InvoiceStatus.VOID,
         )
     )
 

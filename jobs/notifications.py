@@ -1,8 +1,8 @@
 """E-mail notices to the people who pay: written with the state change, delivered over SMTP once.
 
 A notice is a `notifications` row (unique `dedupe_key`) inserted by `notify` in the same transaction
-as the change that causes it. After that transaction commits, `send_notification` is enqueued
-(`enqueue_after_commit` does it at the right moment); the scheduler's tick re-enqueues rows still pending
+as the change that causes it. After that transaction commits, `notify` has `send_notification`
+enqueued (through `jobs.outbox`, never before the row exists); the scheduler's tick re-enqueues rows still pending
 (`pending_notification_ids`), so a lost message only delays a notice. Delivery locks the row, so a
 duplicated message finds it sent and sends nothing.
 
@@ -174,16 +174,6 @@ def notify(
     if notification_id is not None:
         send_after_commit(session, send_notification, notification_id)
     return notification_id
-
-
-def enqueue_after_commit(session: Session, notification_ids: Iterable[int | None]) -> None:
-    """Send `send_notification` for these ids once the session's transaction commits (jobs.outbox).
-
-    Takes `notify`'s results as they come: Nones (notices that already existed) are skipped.
-    """
-    for notification_id in notification_ids:
-        if notification_id is not None:
-            send_after_commit(session, send_notification, notification_id)
 
 
 def pending_notification_ids(session: Session, older_than: datetime, limit: int = 1000) -> list[int]:

@@ -20,6 +20,7 @@ from jobs.invoicing import (
     next_period_end,
     plan_price,
     renewal_invoice,
+    void_invoice,
 )
 from jobs.notifications import notify
 from jobs.payments import PreparedCharge, charge_and_record, issue_boleto, open_charge_attempt, prepare
@@ -118,6 +119,8 @@ def renew(session: Session, subscription_id: int, work: Work) -> None:
         return
     if subscription.status == SubscriptionStatus.SUSPENDED:
         return  # not renewed while its outstanding invoice is unpaid
+    if change_charge_in_flight(session, subscription.id):
+        return  # a cycle change is being charged: renew after it resolves, on the period it leaves
 
     renewal = subscription.current_period_end
     if subscription.pending_payment_method:
@@ -167,6 +170,24 @@ def renew(session: Session, subscription_id: int, work: Work) -> None:
         queue_missing_boletos(session, subscription.id, work)
 
 
+def change_charge_in_flight(session: Session, subscription_id: int) -> bool:
+    """An open change-request invoice (cycle change, subscribe) whose charge is not resolved yet."""
+    return (
+        session.scalar(
+            select(Charge.id)
+            .join(Invoice, Invoice.id == Charge.invoice_id)
+            .where(
+                Invoice.subscription_id == subscription_id,
+                Invoice.kind != "renewal",
+                Invoice.status == InvoiceStatus.OPEN,
+                Charge.status.in_([ChargeStatus.PENDING, ChargeStatus.UNKNOWN]),
+            )
+            .limit(1)
+        )
+        is not None
+    )
+
+
 def no_card_on_file(session: Session, subscription: Subscription, invoice: Invoice) -> None:
     if subscription.status == SubscriptionStatus.ACTIVE:
         subscription.status = SubscriptionStatus.PAST_DUE
@@ -194,14 +215,10 @@ def end_subscription(session: Session, subscription: Subscription, work: Work) -
     subscription.canceled_at = work.now
     subscription.pending_payment_method = None
     upcoming = renewal_invoice(session, subscription.id, subscription.current_period_end)
-    if upcoming is not None and upcoming.status == InvoiceStatus.OPEN:
-        upcoming.status = InvoiceStatus.VOID
-        if upcoming.discount_cents:
-            subscription.balance_cents += upcoming.discount_cents
-        boleto = session.scalar(select(Boleto).where(Boleto.invoice_id == upcoming.id))
-        if boleto is not None and boleto.status in (BoletoStatus.ISSUED, BoletoStatus.OVERDUE):
-            boleto.status = BoletoStatus.CANCELED
-            work.boletos_to_cancel.append(boleto.gateway_id)
+    if upcoming is not None:
+        boleto = void_invoice(session, subscription, upcoming, description="Crédito devolvido: assinatura encerrada")
+        if boleto is not None:
+            work.boletos_to_cancel.append(boleto)
     notify(
         session,
         organization_id=subscription.organization_id,

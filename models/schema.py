@@ -168,14 +168,14 @@ class Invoice(Timestamped, Base):
         CheckConstraint("amount_cents >= 0 AND discount_cents >= 0", name="amounts_not_negative"),
         CheckConstraint("total_cents = amount_cents - discount_cents", name="total_is_amount_less_discount"),
         CheckConstraint("period_start < period_end", name="period_order"),
-        # A renewal is billed once per subscription and period; change-request invoices are
-        # unique by their request instead.
+        # A renewal is billed once per subscription and period (a voided bill frees its period, e.g.
+        # a cancellation undone); change-request invoices are unique by their request instead.
         Index(
             "uq_invoices_renewal_period",
             "subscription_id",
             "period_start",
             unique=True,
-            postgresql_where=text("kind = 'renewal'"),
+            postgresql_where=text("kind = 'renewal' AND status <> 'void'"),
         ),
         Index("ix_invoices_open", "subscription_id", postgresql_where=text("status = 'open'")),
     )

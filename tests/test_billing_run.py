@@ -265,6 +265,32 @@ def test_a_declining_card_is_retried_then_suspended(session, billing_gateway, sa
     assert kinds(session).count("charge_failed") == 5
     assert kinds(session).count("subscription_suspended") == 1
 
+    # A new card (the owner's change request) is charged at once and reactivates the subscription.
+    from jobs.changes import submit_request
+
+    new_card = {
+        "organization_id": organization.id,
+        "requested_by": organization.id * 100 + 1,
+        "idempotency_key": "new-card-1",
+        "kind": "card",
+        "token": "tok_ok",
+        "brand": "mastercard",
+        "last4": "5454",
+        "exp_month": 8,
+        "exp_year": 2031,
+    }
+    request = submit_request(session, billing_gateway, new_card, now=noon(date(2027, 7, 2)), config=runtime().config)
+    assert request is not None and request.status == "applied"
+    session.expire_all()
+    (invoice,) = renewal_invoices(session, subscription.id)
+    assert (invoice.status, invoice.paid_on) == ("paid", date(2027, 7, 2))
+    session.refresh(subscription)
+    assert subscription.status == "active"
+    # The period it paid for (May 10 – Jun 10) ended while suspended: a fresh month from the payment.
+    assert (subscription.current_period_start, subscription.current_period_end) == (date(2027, 7, 2), date(2027, 8, 2))
+    assert session.scalars(select(Charge).order_by(Charge.attempt)).all()[-1].status == "succeeded"
+    assert {"subscription_reactivated", "charge_succeeded", "card_updated"} <= set(kinds(session))
+
 
 def test_retry_dates_follow_the_dunning_schedule(session, billing_gateway):
     seed_plans(session)

@@ -22,7 +22,6 @@ from jobs.notifications import (
     NO_RECIPIENTS,
     DeliveryFailed,
     deliver_notification,
-    enqueue_after_commit,
     notify,
     pending_notification_ids,
     recipients_for,
@@ -428,8 +427,7 @@ def test_delivered_once_through_the_broker(
         session, organization_id=ORG_ID, kind="boleto_issued", dedupe_key="boleto_issued:41",
         context=SAMPLES["boleto_issued"],
     )
-    enqueue_after_commit(session, [notification_id, None])
-    session.commit()
+    session.commit()  # notify enqueued the delivery, sent now that the row exists
 
     wait_until(lambda: fetch(notification_id).status == "sent")
     [message] = mailbox.messages()
@@ -450,7 +448,7 @@ def test_delivered_once_through_the_broker(
 def test_nothing_is_enqueued_when_the_transaction_rolls_back(session: Session, broker: Any) -> None:
     billing_org(session)
     session.commit()
-    enqueue_after_commit(session, [new_notice(session)])
+    new_notice(session)
     session.rollback()
     session.commit()  # a later commit of the same session does not resurrect the message
     assert broker.client.llen("dramatiq:notifications") == 0

@@ -261,7 +261,7 @@ def upgrade() -> None:
         "invoices",
         ["subscription_id", "period_start"],
         unique=True,
-        postgresql_where=sa.text("kind = 'renewal'"),
+        postgresql_where=sa.text("kind = 'renewal' AND status <> 'void'"),
     )
     op.create_table(
         "notifications",
@@ -421,7 +421,11 @@ def downgrade() -> None:
     op.drop_index(op.f("ix_notifications_subscription_id"), table_name="notifications")
     op.drop_index(op.f("ix_notifications_organization_id"), table_name="notifications")
     op.drop_table("notifications")
-    op.drop_index("uq_invoices_renewal_period", table_name="invoices", postgresql_where=sa.text("kind = 'renewal'"))
+    op.drop_index(
+        "uq_invoices_renewal_period",
+        table_name="invoices",
+        postgresql_where=sa.text("kind = 'renewal' AND status <> 'void'"),
+    )
     op.drop_index(op.f("ix_invoices_subscription_id"), table_name="invoices")
     op.drop_index(op.f("ix_invoices_organization_id"), table_name="invoices")
     op.drop_index("ix_invoices_open", table_name="invoices", postgresql_where=sa.text("status = 'open'"))
