@@ -47,7 +47,7 @@ from jobs.invoicing import (
     MissingPlan,
     create_renewal_invoice,
     ledger,
-    mark_invoice_paid,
+    lock_subscription,
     plan_price,
     void_invoice,
 )
@@ -55,10 +55,10 @@ from jobs.notifications import DECLINE_REASONS, notify
 from jobs.outbox import send_after_commit
 from jobs.payments import (
     PreparedCharge,
-    card_display,
     charge_and_record,
     consequence,
     issue_boleto,
+    mark_paid_by_card,
     open_charge_attempt,
     prepare,
 )
@@ -468,18 +468,8 @@ _LEDGER_DESCRIPTIONS: Final = {
 # --- shared checks -----------------------------------------------------------------------------
 
 
-def _lock_subscription(session: Session, subscription_id: int) -> Subscription | None:
-    """SELECT … FOR UPDATE, refreshing a copy the session may already hold (it may be stale)."""
-    return session.scalars(
-        select(Subscription)
-        .where(Subscription.id == subscription_id)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    ).one_or_none()
-
-
 def _lock_own_subscription(run: _Run, subscription_id: int) -> Subscription:
-    subscription = _lock_subscription(run.session, subscription_id)
+    subscription = lock_subscription(run.session, subscription_id)
     if subscription is None or subscription.organization_id != run.request.organization_id:
         raise RuleViolation(
             SUBSCRIPTION_NOT_FOUND,
@@ -715,19 +705,11 @@ def subscribe_charge_resolved(
 ) -> None:
     """The first payment of a new subscription: paid → applied; declined → the subscription is canceled."""
     run = _consequence_run(session, invoice, on, now, config)
-    subscription = _lock_subscription(session, invoice.subscription_id)
+    subscription = lock_subscription(session, invoice.subscription_id)
     if run is None or subscription is None or invoice.status != InvoiceStatus.OPEN:
         return
     if charge.status == ChargeStatus.SUCCEEDED:
-        mark_invoice_paid(
-            session,
-            invoice,
-            paid_on=on,
-            now=now,
-            amount_cents=charge.amount_cents,
-            source="cartão",
-            card=card_display(charge, session, subscription.organization_id),
-        )
+        mark_paid_by_card(session, invoice, charge, on=on, now=now)
         _subscribed(run, subscription, invoice, _subscription_result(subscription, invoice))
     else:
         invoice.status = InvoiceStatus.VOID
@@ -952,15 +934,7 @@ def _apply_cycle_change(
     subscription.balance_cents = new_balance
 
     if charge is not None:
-        mark_invoice_paid(
-            session,
-            invoice,
-            paid_on=paid_on or run.on,
-            now=run.now,
-            amount_cents=charge.amount_cents,
-            source="cartão",
-            card=card_display(charge, session, subscription.organization_id),
-        )
+        mark_paid_by_card(session, invoice, charge, on=paid_on or run.on, now=run.now)
     elif invoice.total_cents == 0:
         # Paid entirely with credit: no money moved, so no receipt (the cycle-change notice says it all).
         invoice.status = InvoiceStatus.PAID
@@ -997,7 +971,7 @@ def cycle_change_charge_resolved(
     """The immediate charge of a cycle change: paid → the change applies as quoted on D; declined →
     the request is rejected and nothing else changes (the invoice is void, no credit was used)."""
     run = _consequence_run(session, invoice, on, now, config)
-    subscription = _lock_subscription(session, invoice.subscription_id)
+    subscription = lock_subscription(session, invoice.subscription_id)
     if run is None or subscription is None or invoice.status != InvoiceStatus.OPEN:
         return
     # The change was quoted for D, the day it was asked, whenever the charge is resolved.

@@ -31,7 +31,13 @@ def plan_price(session: Session, product: str, cycle: str) -> int:
 
 
 def lock_subscription(session: Session, subscription_id: int) -> Subscription | None:
-    return session.scalar(select(Subscription).where(Subscription.id == subscription_id).with_for_update())
+    """SELECT … FOR UPDATE, refreshing a copy the session may already hold (it may be stale)."""
+    return session.scalars(
+        select(Subscription)
+        .where(Subscription.id == subscription_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).one_or_none()
 
 
 def ledger(

@@ -251,15 +251,7 @@ def renewal_charge_resolved(
     subscription = lock_subscription(session, invoice.subscription_id)
     assert subscription is not None
     if charge.status == ChargeStatus.SUCCEEDED:
-        mark_invoice_paid(
-            session,
-            invoice,
-            paid_on=on,
-            now=now,
-            amount_cents=charge.amount_cents,
-            source="cartão",
-            card=card_display(charge, session, subscription.organization_id),
-        )
+        mark_paid_by_card(session, invoice, charge, on=on, now=now)
         return
 
     renewal_date = invoice.due_date
@@ -272,20 +264,60 @@ def renewal_charge_resolved(
         suspend(session, subscription, invoice, now=now, reason="card")
     elif subscription.status == SubscriptionStatus.ACTIVE:
         subscription.status = SubscriptionStatus.PAST_DUE
+    notify_charge_failed(
+        session,
+        subscription,
+        invoice,
+        dedupe_key=f"charge_failed:{charge.id}",
+        amount_cents=charge.amount_cents,
+        code=charge.gateway_code or "",
+        reason=charge.gateway_message or "",
+        hard=charge.hard_decline,
+        next_retry_on=retry_on,
+        card_last4=charge.card_last4 or "",
+    )
+
+
+def mark_paid_by_card(session: Session, invoice: Invoice, charge: Charge, *, on: date, now: datetime) -> bool:
+    """A succeeded attempt pays its invoice (with the receipt showing the card)."""
+    return mark_invoice_paid(
+        session,
+        invoice,
+        paid_on=on,
+        now=now,
+        amount_cents=charge.amount_cents,
+        source="cartão",
+        card=card_display(charge, session, invoice.organization_id),
+    )
+
+
+def notify_charge_failed(
+    session: Session,
+    subscription: Subscription,
+    invoice: Invoice,
+    *,
+    dedupe_key: str,
+    amount_cents: int,
+    code: str,
+    reason: str,
+    hard: bool,
+    next_retry_on: date | None,
+    card_last4: str,
+) -> None:
     notify(
         session,
         organization_id=subscription.organization_id,
         subscription_id=subscription.id,
         kind="charge_failed",
-        dedupe_key=f"charge_failed:{charge.id}",
+        dedupe_key=dedupe_key,
         context={
             "invoice_id": invoice.id,
-            "amount_cents": charge.amount_cents,
-            "code": charge.gateway_code or "",
-            "reason": charge.gateway_message or "",
-            "hard": charge.hard_decline,
-            "next_retry_on": retry_on.isoformat() if retry_on else None,
-            "card_last4": charge.card_last4 or "",
+            "amount_cents": amount_cents,
+            "code": code,
+            "reason": reason,
+            "hard": hard,
+            "next_retry_on": next_retry_on.isoformat() if next_retry_on else None,
+            "card_last4": card_last4,
         },
     )
 

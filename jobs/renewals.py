@@ -23,7 +23,14 @@ from jobs.invoicing import (
     void_invoice,
 )
 from jobs.notifications import notify
-from jobs.payments import PreparedCharge, charge_and_record, issue_boleto, open_charge_attempt, prepare
+from jobs.payments import (
+    PreparedCharge,
+    charge_and_record,
+    issue_boleto,
+    notify_charge_failed,
+    open_charge_attempt,
+    prepare,
+)
 from models.policy import late_boleto_due_date
 from models.schema import Boleto, Card, Charge, Invoice, Subscription
 from models.states import (
@@ -191,21 +198,17 @@ def change_charge_in_flight(session: Session, subscription_id: int) -> bool:
 def no_card_on_file(session: Session, subscription: Subscription, invoice: Invoice) -> None:
     if subscription.status == SubscriptionStatus.ACTIVE:
         subscription.status = SubscriptionStatus.PAST_DUE
-    notify(
+    notify_charge_failed(
         session,
-        organization_id=subscription.organization_id,
-        subscription_id=subscription.id,
-        kind="charge_failed",
+        subscription,
+        invoice,
         dedupe_key=f"charge_failed:no_card:{invoice.id}",
-        context={
-            "invoice_id": invoice.id,
-            "amount_cents": invoice.total_cents,
-            "code": "no_card_on_file",
-            "reason": "Não há cartão de crédito cadastrado.",
-            "hard": True,
-            "next_retry_on": None,
-            "card_last4": "",
-        },
+        amount_cents=invoice.total_cents,
+        code="no_card_on_file",
+        reason="Não há cartão de crédito cadastrado.",
+        hard=True,
+        next_retry_on=None,
+        card_last4="",
     )
 
 
