@@ -1,5 +1,5 @@
 """The HTTP API: change requests and subscriptions for the main application (Bearer API keys),
-gateway webhooks (signed), health and metrics for operations."""
+gateway webhooks (signed), and a health check for operations."""
 
 from __future__ import annotations
 

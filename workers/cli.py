@@ -341,7 +341,7 @@ def web(
     host: str | None = typer.Option(None, help="Address (default WEB_HOST)."),
     port: int | None = typer.Option(None, help="Port (default WEB_PORT)."),
 ) -> None:
-    """Serve the HTTP API, gateway webhooks, the ops console and /metrics (the `web` process)."""
+    """Serve the HTTP API for the main application, gateway webhooks and /healthz (the `web` process)."""
     import uvicorn
 
     settings = get_settings()
