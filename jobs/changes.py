@@ -657,7 +657,7 @@ def _subscribe(run: _Run, params: Subscribe) -> None:
         assert card is not None  # ensure_method_allowed
         charge = open_charge_attempt(session, invoice, card)
         assert charge is not None  # a new open invoice with a positive total
-        run.charges.append(prepare(charge, _charge_description(invoice, "assinatura")))
+        run.charges.append(prepare(charge))
         run.request.result = result  # shown while the first payment is processed
         return
     run.boleto_invoices.append(invoice.id)
@@ -739,10 +739,6 @@ def _consequence_run(session: Session, invoice: Invoice, on: date, now: datetime
 def _declined(charge: Charge) -> RuleViolation:
     reason = DECLINE_REASONS.get(charge.gateway_code or "") or charge.gateway_message
     return policy.payment_declined(amount_cents=charge.amount_cents, reason=reason, gateway_code=charge.gateway_code)
-
-
-def _charge_description(invoice: Invoice, what: str) -> str:
-    return f"CONECTA {what} fatura {invoice.id} ({invoice.period_start.isoformat()} a {invoice.period_end.isoformat()})"
 
 
 # --- billing cycle -----------------------------------------------------------------------------
@@ -852,7 +848,7 @@ def _billing_cycle(run: _Run, params: BillingCycleChange) -> None:
         assert card is not None  # method_for_cycle_change
         charge = open_charge_attempt(session, invoice, card)
         assert charge is not None  # a new open invoice with a positive total
-        run.charges.append(prepare(charge, _charge_description(invoice, "alteração de ciclo")))
+        run.charges.append(prepare(charge))
         return
     _apply_cycle_change(run, subscription, invoice, result)
     if amount_due:
@@ -1085,7 +1081,7 @@ def _replace_card(run: _Run, params: CardUpdate) -> None:
         for invoice in _retryable_card_invoices(session, subscription):
             charge = open_charge_attempt(session, invoice, card)
             if charge is not None:
-                run.charges.append(prepare(charge, _charge_description(invoice, "nova tentativa")))
+                run.charges.append(prepare(charge))
                 retried.append(invoice.id)
     run.notify(
         organization_id=organization.id,

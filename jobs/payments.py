@@ -113,14 +113,16 @@ def open_charge_attempt(session: Session, invoice: Invoice, card: Card) -> Charg
     return session.get(Charge, charge_id) if charge_id else None
 
 
-def prepare(charge: Charge, description: str) -> PreparedCharge:
+def prepare(charge: Charge) -> PreparedCharge:
+    """The gateway request of an attempt, derived from its row alone: a replay of its idempotency key
+    (reconciliation) sends exactly the same body, as the gateway requires."""
     return PreparedCharge(
         charge.id,
         ChargeRequest(
             card_token=charge.card_token,
             amount_cents=charge.amount_cents,
             idempotency_key=charge.idempotency_key,
-            description=description,
+            description=f"CONECTA fatura {charge.invoice_id}, tentativa {charge.attempt}",
         ),
     )
 
@@ -366,7 +368,7 @@ def reconcile_charge(
     charge = session.get(Charge, charge_id)
     if charge is None or charge.status not in (ChargeStatus.PENDING, ChargeStatus.UNKNOWN):
         return charge.status if charge else "missing"
-    prepared = prepare(charge, f"Renova fatura {charge.invoice_id}")
+    prepared = prepare(charge)
     session.commit()
     on = local_today(now, config.timezone)
     try:

@@ -11,7 +11,7 @@ from datetime import date, datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from gateways.base import Gateway, GatewayError
+from gateways.base import Gateway, GatewayError, GatewayRejected, Unavailable
 from jobs.context import BillingConfig
 from jobs.invoicing import (
     create_renewal_invoice,
@@ -61,10 +61,6 @@ class Work:
     charges: list[PreparedCharge] = field(default_factory=list)
     boleto_invoices: list[int] = field(default_factory=list)
     boletos_to_cancel: list[str] = field(default_factory=list)
-
-
-def charge_description(invoice: Invoice) -> str:
-    return f"CONECTA fatura {invoice.id} ({invoice.period_start.isoformat()} a {invoice.period_end.isoformat()})"
 
 
 # --- T − 7: the boleto of an annual renewal ------------------------------------------------------
@@ -172,7 +168,7 @@ def renew(session: Session, subscription_id: int, work: Work) -> None:
         else:
             charge = open_charge_attempt(session, invoice, card)
             if charge is not None:
-                work.charges.append(prepare(charge, charge_description(invoice)))
+                work.charges.append(prepare(charge))
     if invoice.method == PaymentMethod.BOLETO:
         queue_missing_boletos(session, subscription.id, work)
 
@@ -260,7 +256,7 @@ def retry_charge(session: Session, invoice_id: int, work: Work) -> None:
         return
     charge = open_charge_attempt(session, invoice, card)
     if charge is not None:
-        work.charges.append(prepare(charge, charge_description(invoice)))
+        work.charges.append(prepare(charge))
         work.done += 1
 
 
@@ -327,8 +323,17 @@ def settle_gateway_work(session: Session, work: Work) -> dict[int, str]:
     if work.charges:
         statuses = charge_and_record(session, work.gateway, work.charges, on=work.on, now=work.now, config=work.config)
         work.charges.clear()
+    retry_later: Unavailable | None = None
     for invoice_id in dict.fromkeys(work.boleto_invoices):
-        issue_boleto(session, work.gateway, invoice_id)
+        # One boleto's failure never keeps its neighbours from being issued.
+        try:
+            issue_boleto(session, work.gateway, invoice_id)
+        except GatewayRejected as exc:
+            session.rollback()
+            logger.error("the gateway refused the boleto of invoice %s: %s", invoice_id, exc)
+        except GatewayError as exc:  # unavailable or ambiguous: the same idempotency key makes a retry safe
+            session.rollback()
+            retry_later = Unavailable(f"boleto of invoice {invoice_id}: {exc}")
     work.boleto_invoices.clear()
     for gateway_id in work.boletos_to_cancel:
         try:
@@ -336,4 +341,6 @@ def settle_gateway_work(session: Session, work: Work) -> dict[int, str]:
         except GatewayError:
             logger.warning("boleto %s voided here but not cancelled at the gateway; it expires unpaid", gateway_id)
     work.boletos_to_cancel.clear()
+    if retry_later is not None:
+        raise retry_later  # the message is retried; what was done is not redone
     return statuses

@@ -411,3 +411,21 @@ def test_a_boleto_paid_after_we_cancelled_it_becomes_credit(session, billing_gat
     assert entry.amount_cents == ANNUAL_PRICE
     again = record_boleto_payment(session, boleto.gateway_id, amount_cents=ANNUAL_PRICE, paid_on=date(2028, 3, 5), now=noon(date(2028, 3, 5)))
     assert again == "already_paid"
+
+
+def test_a_boleto_the_gateway_refuses_does_not_block_its_neighbours(session, billing_gateway, caplog):
+    seed_plans(session)
+    no_document = make_organization(session, 1, card_token=None)
+    no_document.document = None
+    fine = make_organization(session, 2, card_token=None)
+    first = make_subscription(session, no_document, cycle="annual", method="boleto", anchor=date(2027, 3, 10))
+    second = make_subscription(session, fine, cycle="annual", method="boleto", anchor=date(2027, 3, 10))
+    session.commit()
+
+    run_day(session, billing_gateway, date(2028, 3, 3), noon(date(2028, 3, 3)), runtime().config)
+
+    boletos = session.scalars(select(Boleto)).all()
+    assert [session.get(Invoice, b.invoice_id).subscription_id for b in boletos] == [second.id]
+    refused = session.scalars(select(Invoice).where(Invoice.subscription_id == first.id)).all()
+    assert [(i.kind, i.status) for i in refused if i.kind == "renewal"] == [("renewal", "open")]
+    assert "refused the boleto" in caplog.text
