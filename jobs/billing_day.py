@@ -231,11 +231,28 @@ def process_ids(
     gateway: Gateway,
     config: BillingConfig,
 ) -> ChunkResult:
-    """Run a task's handler over ids in one transaction, each id in its own savepoint: a failing id
-    is rolled back and reported, never failing its neighbours. Gateway work (the chunk's card
-    charges as one concurrent batch, its boletos) happens after that transaction commits."""
+    """Run a task's handler over ids in one transaction. A failing id is rolled back and reported,
+    never failing its neighbours: the chunk first runs straight through, and only if some id fails
+    is it run again with a savepoint per id. Gateway work (the chunk's card charges as one
+    concurrent batch, its boletos) happens after that transaction commits."""
     task = TASKS[task_name]
     work = Work(on=on, now=now, config=config, gateway=gateway)
+    try:
+        for item_id in ids:
+            task.handle(session, item_id, work)
+        session.commit()
+        failed: list[int] = []
+    except Exception:
+        session.rollback()
+        if len(ids) == 1:
+            raise
+        work = Work(on=on, now=now, config=config, gateway=gateway)
+        failed = handle_one_by_one(session, task, ids, work)
+    renewals.settle_gateway_work(session, work)
+    return ChunkResult(work.done, failed)
+
+
+def handle_one_by_one(session: Session, task: Task, ids: Sequence[int], work: Work) -> list[int]:
     failed: list[int] = []
     for item_id in ids:
         savepoint = session.begin_nested()
@@ -244,13 +261,10 @@ def process_ids(
             savepoint.commit()
         except Exception:
             savepoint.rollback()
-            if len(ids) == 1:
-                raise
-            logger.exception("%s failed for id %s on %s; retried on its own", task_name, item_id, on)
+            logger.exception("%s failed for id %s on %s; retried on its own", task.name, item_id, work.on)
             failed.append(item_id)
     session.commit()
-    renewals.settle_gateway_work(session, work)
-    return ChunkResult(work.done, failed)
+    return failed
 
 
 @dramatiq.actor(queue_name="billing", **STANDARD)

@@ -24,10 +24,14 @@ class MissingPlan(LookupError):
 
 
 def plan_price(session: Session, product: str, cycle: str) -> int:
-    price = session.scalar(select(Plan.price_cents).where(Plan.product == product, Plan.cycle == cycle))
-    if price is None:
-        raise MissingPlan(f"no {cycle} price for product {product!r}")
-    return price
+    """The plan's price, read once per session (a message's unit of work) rather than per row."""
+    prices: dict[tuple[str, str], int] = session.info.setdefault("plan_prices", {})
+    if (product, cycle) not in prices:
+        price = session.scalar(select(Plan.price_cents).where(Plan.product == product, Plan.cycle == cycle))
+        if price is None:
+            raise MissingPlan(f"no {cycle} price for product {product!r}")
+        prices[product, cycle] = price
+    return prices[product, cycle]
 
 
 def lock_subscription(session: Session, subscription_id: int) -> Subscription | None:

@@ -318,3 +318,32 @@ def test_the_scans_use_their_indexes(session):
         assert any(index in line for line in plan), f"{name} does not use {index}:\n" + "\n".join(plan)
         for table in ("subscriptions", "invoices", "charges"):
             assert not any(f"Seq Scan on {table}" in line for line in plan), "\n".join(plan)
+
+
+def test_a_failing_subscription_never_fails_its_neighbours(session, worker, billing_gateway, sandbox_gateway, broker):
+    from jobs.billing_day import process_ids
+    from workers.queues import queue_depths
+
+    seed_plans(session)
+    good = [card_subscription(session, n, DAY) for n in (1, 2)]
+    organization = make_organization(session, 3)
+    broken = make_subscription(session, organization, cycle="monthly", method="card", anchor=DAY.replace(month=2))
+    broken.product = "no-such-product"  # renewing it raises: there is no price
+    session.commit()
+    ids = sorted([good[0].id, broken.id, good[1].id])
+
+    result = process_ids(session, "renew", ids, on=DAY, now=noon(DAY), gateway=billing_gateway, config=runtime().config)
+    assert result.failed == [broken.id]
+    paid = session.scalars(select(Invoice.subscription_id).where(Invoice.kind == "renewal", Invoice.status == "paid")).all()
+    assert sorted(paid) == sorted(s.id for s in good)
+
+    # Through the broker the failed id is retried on its own message, then parked for operators.
+    session.add(BillingRun(run_date=DAY))
+    session.commit()
+    process_chunk.send("renew", DAY.isoformat(), ids, noon(DAY).isoformat())
+    from tests.test_broker import broker_url
+
+    wait_until(lambda: queue_depths(broker_url(broker), ("billing",))[0].dead == 1)
+    run = session.scalars(select(BillingRun)).one()
+    session.refresh(run)
+    assert run.failed_count == 1
