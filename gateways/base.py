@@ -131,9 +131,7 @@ class IdempotencyConflict(GatewayRejected):
 
 @runtime_checkable
 class Gateway(Protocol):
-    def charge(
-        self, card_token: str, amount_cents: int, idempotency_key: str, description: str
-    ) -> ChargeResult:
+    def charge(self, card_token: str, amount_cents: int, idempotency_key: str, description: str) -> ChargeResult:
         """Charge a card once per key. Raises Declined, Unavailable, Ambiguous or GatewayRejected."""
         ...
 
@@ -142,9 +140,7 @@ class Gateway(Protocol):
         returned as a result with status "failed". Raises Unavailable when it cannot find out."""
         ...
 
-    def issue_boleto(
-        self, invoice: BoletoRequest, payer: Payer, due_date: date, idempotency_key: str
-    ) -> BoletoIssued:
+    def issue_boleto(self, invoice: BoletoRequest, payer: Payer, due_date: date, idempotency_key: str) -> BoletoIssued:
         """Issue (once per key) a boleto. On Ambiguous, calling again with the same key is the lookup."""
         ...
 
@@ -166,9 +162,7 @@ def charge_many(gateway: Gateway, requests: Sequence[ChargeRequest]) -> list[Cha
     for request in requests:
         try:
             outcomes.append(
-                gateway.charge(
-                    request.card_token, request.amount_cents, request.idempotency_key, request.description
-                )
+                gateway.charge(request.card_token, request.amount_cents, request.idempotency_key, request.description)
             )
         except GatewayError as exc:
             outcomes.append(exc)

@@ -74,9 +74,7 @@ class HttpGateway:
             base_url=base_url.rstrip("/"),
             headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json", **(headers or {})},
             # Writes get the read budget: a large body on a slow link is not a dead gateway.
-            timeout=httpx.Timeout(
-                connect=connect_timeout, read=read_timeout, write=read_timeout, pool=connect_timeout
-            ),
+            timeout=httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout, pool=connect_timeout),
             limits=httpx.Limits(
                 max_connections=max(max_concurrency, 10),
                 max_keepalive_connections=max_concurrency,
@@ -122,9 +120,7 @@ class HttpGateway:
 
     # --- the port --------------------------------------------------------------------------------
 
-    def charge(
-        self, card_token: str, amount_cents: int, idempotency_key: str, description: str
-    ) -> ChargeResult:
+    def charge(self, card_token: str, amount_cents: int, idempotency_key: str, description: str) -> ChargeResult:
         body = {"card_token": card_token, "amount_cents": amount_cents, "description": description}
         response = self._send("POST", "/v1/charges", json=body, idempotency_key=idempotency_key)
         result = self._parse(_charge_result, response)
@@ -144,9 +140,7 @@ class HttpGateway:
             return None
         return self._parse(_charge_result, response, read_only=True)
 
-    def issue_boleto(
-        self, invoice: BoletoRequest, payer: Payer, due_date: date, idempotency_key: str
-    ) -> BoletoIssued:
+    def issue_boleto(self, invoice: BoletoRequest, payer: Payer, due_date: date, idempotency_key: str) -> BoletoIssued:
         body = {
             "invoice_id": invoice.invoice_id,
             "amount_cents": invoice.amount_cents,
@@ -174,9 +168,7 @@ class HttpGateway:
 
     def _charge_outcome(self, request: ChargeRequest) -> ChargeResult | GatewayError:
         try:
-            return self.charge(
-                request.card_token, request.amount_cents, request.idempotency_key, request.description
-            )
+            return self.charge(request.card_token, request.amount_cents, request.idempotency_key, request.description)
         except GatewayError as exc:
             return exc
         except Exception as exc:

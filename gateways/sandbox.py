@@ -391,17 +391,13 @@ class Store:
 
     # idempotency
 
-    def idempotent(
-        self, key: str, fingerprint: str, process: Callable[[sqlite3.Connection, float], Reply]
-    ) -> Reply:
+    def idempotent(self, key: str, fingerprint: str, process: Callable[[sqlite3.Connection, float], Reply]) -> Reply:
         now = time.time()
         with self.transaction() as db:
             if now - self._last_purge > PURGE_EVERY_SECONDS:
                 db.execute("DELETE FROM idempotency WHERE created < ?", (now - IDEMPOTENCY_TTL_SECONDS,))
                 self._last_purge = now
-            row = db.execute(
-                "SELECT fingerprint, status_code, body FROM idempotency WHERE key = ?", (key,)
-            ).fetchone()
+            row = db.execute("SELECT fingerprint, status_code, body FROM idempotency WHERE key = ?", (key,)).fetchone()
             if row is not None:
                 if not hmac.compare_digest(row["fingerprint"], fingerprint):
                     return Reply(
@@ -416,8 +412,7 @@ class Store:
             reply = process(db, now)
             if reply.processed:
                 db.execute(
-                    "INSERT INTO idempotency (key, fingerprint, status_code, body, created) "
-                    "VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO idempotency (key, fingerprint, status_code, body, created) VALUES (?, ?, ?, ?, ?)",
                     (key, fingerprint, reply.status, json.dumps(reply.body), now),
                 )
             return reply
@@ -462,9 +457,7 @@ class Store:
                         "ON CONFLICT (idempotency_key) DO UPDATE SET count = count + 1",
                         (key,),
                     )
-                    return Reply(
-                        503, _not_processed("Temporarily unavailable; the charge was not processed.")
-                    )
+                    return Reply(503, _not_processed("Temporarily unavailable; the charge was not processed."))
             charge_id = _new_id("ch")
             db.execute(
                 "INSERT INTO charges (id, idempotency_key, card_token, amount_cents, description, status, "
@@ -549,9 +542,7 @@ class Store:
         with self.transaction() as db:
             row = self._boleto_row(db, boleto_id)
             if row["status"] == "paid":
-                raise ApiError(
-                    409, "invalid_request_error", "boleto_already_paid", "The boleto was already paid."
-                )
+                raise ApiError(409, "invalid_request_error", "boleto_already_paid", "The boleto was already paid.")
             if row["status"] == "issued":
                 db.execute(
                     "UPDATE boletos SET status = 'canceled', updated = ? WHERE id = ?",
@@ -560,16 +551,13 @@ class Store:
             # Already canceled or expired: nothing can pay it any more, which is what cancel asks.
             return _boleto_json(self._boleto_row(db, boleto_id))
 
-    def pay_boleto(
-        self, boleto_id: str, paid_on: date, amount_cents: int | None, webhook_url: str
-    ) -> dict[str, Any]:
+    def pay_boleto(self, boleto_id: str, paid_on: date, amount_cents: int | None, webhook_url: str) -> dict[str, Any]:
         now = time.time()
         with self.transaction() as db:
             row = self._require_issued(db, boleto_id)
             amount = row["amount_cents"] if amount_cents is None else amount_cents
             db.execute(
-                "UPDATE boletos SET status = 'paid', paid_on = ?, paid_amount_cents = ?, updated = ? "
-                "WHERE id = ?",
+                "UPDATE boletos SET status = 'paid', paid_on = ?, paid_amount_cents = ?, updated = ? WHERE id = ?",
                 (paid_on.isoformat(), amount, now, boleto_id),
             )
             db.execute(
@@ -585,9 +573,7 @@ class Store:
         with self.transaction() as db:
             row = self._require_issued(db, boleto_id)
             db.execute("UPDATE boletos SET status = 'expired', updated = ? WHERE id = ?", (now, boleto_id))
-            event_id = self._enqueue_event(
-                db, now, "boleto.expired", row, row["amount_cents"], None, webhook_url
-            )
+            event_id = self._enqueue_event(db, now, "boleto.expired", row, row["amount_cents"], None, webhook_url)
             return {"boleto": _boleto_json(self._boleto_row(db, boleto_id)), "event_id": event_id}
 
     @staticmethod
@@ -676,9 +662,7 @@ class Store:
     ) -> None:
         now = time.time()
         with self.transaction() as db:
-            row = db.execute(
-                "SELECT attempts FROM webhook_deliveries WHERE id = ?", (delivery_id,)
-            ).fetchone()
+            row = db.execute("SELECT attempts FROM webhook_deliveries WHERE id = ?", (delivery_id,)).fetchone()
             attempts = row["attempts"] + 1
             if ok:
                 status, next_at, delivered_at = "delivered", None, now
@@ -864,9 +848,7 @@ def create_app(config: SandboxConfig, data_dir: Path, stopping: threading.Event 
         return Faults(
             latency_ms=_header_number(request, "Sandbox-Latency-Ms", int, config.latency_ms, 0, 600_000),
             timeout_rate=_header_number(request, "Sandbox-Timeout-Rate", float, config.timeout_rate, 0, 1),
-            unavailable_rate=_header_number(
-                request, "Sandbox-Unavailable-Rate", float, config.unavailable_rate, 0, 1
-            ),
+            unavailable_rate=_header_number(request, "Sandbox-Unavailable-Rate", float, config.unavailable_rate, 0, 1),
             stall_ms=_header_number(request, "Sandbox-Stall-Ms", int, config.stall_ms, 0, 600_000),
         )
 
@@ -932,9 +914,7 @@ def create_app(config: SandboxConfig, data_dir: Path, stopping: threading.Event 
         await front_door(request)
         charge = await run_in_threadpool(lambda: store.find_charge(key=idempotency_key))
         if charge is None:
-            raise ApiError(
-                404, "invalid_request_error", "resource_missing", "No charge with that idempotency key."
-            )
+            raise ApiError(404, "invalid_request_error", "resource_missing", "No charge with that idempotency key.")
         return JSONResponse(charge)
 
     @v1.get("/charges/{charge_id}")

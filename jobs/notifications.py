@@ -59,7 +59,13 @@ CONTEXT_KEYS: Final[dict[str, tuple[str, ...]]] = {
     "boleto_reminder": _BOLETO_KEYS,
     "boleto_overdue": ("invoice_id", "amount_cents", "due_date", "digitable_line", "suspend_on"),
     "charge_succeeded": (
-        "invoice_id", "amount_cents", "card_brand", "card_last4", "period_start", "period_end", "paid_on",
+        "invoice_id",
+        "amount_cents",
+        "card_brand",
+        "card_last4",
+        "period_start",
+        "period_end",
+        "paid_on",
     ),
     "charge_failed": ("invoice_id", "amount_cents", "code", "reason", "hard", "next_retry_on", "card_last4"),
     "subscription_suspended": ("invoice_id", "amount_cents", "reason"),
@@ -83,8 +89,14 @@ NULLABLE_KEYS: Final[dict[str, frozenset[str]]] = {
     "charge_failed": frozenset({"reason", "next_retry_on", "card_last4"}),
 }
 QUOTE_KEYS: Final = (
-    "paid_cents", "unused_cents", "balance_cents", "credit_cents", "amount_due_cents",
-    "new_period_start", "new_period_end", "balance_after_cents",
+    "paid_cents",
+    "unused_cents",
+    "balance_cents",
+    "credit_cents",
+    "amount_due_cents",
+    "new_period_start",
+    "new_period_end",
+    "balance_after_cents",
 )
 # Optional keys the templates use when present: cycle_changed quote.months / quote.extra_days
 # (annual → monthly), subscription_suspended digitable_line, renewal_notice switch_deadline (the last
@@ -406,9 +418,7 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"[:_MAX_ERROR_LENGTH]
 
 
-def deliver_notification(
-    session: Session, notification_id: int, mailer: Mailer, mail_from: str, now: datetime
-) -> str:
+def deliver_notification(session: Session, notification_id: int, mailer: Mailer, mail_from: str, now: datetime) -> str:
     """Send one notice unless it was sent already; returns what happened.
 
     "sent", "already_sent", "already_failed", "missing" (no such row: its transaction rolled back),

@@ -75,9 +75,7 @@ class SandboxGateway:
         self._process: subprocess.Popen[bytes] | None = None
         # Runtime settings changed through set_config, re-applied after a restart.
         self._overrides: dict[str, Any] = {}
-        self._http = httpx.Client(
-            base_url=self.url, headers={"Authorization": f"Bearer {self.api_key}"}, timeout=10.0
-        )
+        self._http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.api_key}"}, timeout=10.0)
 
     # lifecycle
 
@@ -236,9 +234,7 @@ class WebhookReceiver:
                 with receiver._lock:
                     status = receiver._answers.pop(0) if receiver._answers else 200
                     receiver.received.append(
-                        ReceivedWebhook(
-                            self.path, {k.lower(): v for k, v in self.headers.items()}, body, status
-                        )
+                        ReceivedWebhook(self.path, {k.lower(): v for k, v in self.headers.items()}, body, status)
                     )
                 payload = b'{"received": true}' if status < 300 else b'{"error": "try again"}'
                 self.send_response(status)
@@ -270,9 +266,7 @@ class WebhookReceiver:
     def for_event(self, event_id: str) -> list[ReceivedWebhook]:
         return self.matching(lambda hook: hook.json().get("id") == event_id)
 
-    def wait_for_event(
-        self, event_id: str, *, count: int = 1, timeout: float = 15.0
-    ) -> list[ReceivedWebhook]:
+    def wait_for_event(self, event_id: str, *, count: int = 1, timeout: float = 15.0) -> list[ReceivedWebhook]:
         """The first `count` deliveries of `event_id`, waiting for them to arrive."""
         return poll(
             lambda: hooks if len(hooks := self.for_event(event_id)) >= count else None,
@@ -294,9 +288,7 @@ def sandbox_webhook_url() -> str:
 
 
 @pytest.fixture(scope="session")
-def sandbox_gateway(
-    tmp_path_factory: pytest.TempPathFactory, sandbox_webhook_url: str
-) -> Iterator[SandboxGateway]:
+def sandbox_gateway(tmp_path_factory: pytest.TempPathFactory, sandbox_webhook_url: str) -> Iterator[SandboxGateway]:
     sandbox = SandboxGateway(tmp_path_factory.mktemp("sandbox-gateway"), webhook_url=sandbox_webhook_url)
     try:
         sandbox.start()

@@ -402,14 +402,18 @@ def test_a_boleto_paid_after_we_cancelled_it_becomes_credit(session, billing_gat
     session.get(Invoice, boleto.invoice_id).status = "void"
     session.commit()
 
-    outcome = record_boleto_payment(session, boleto.gateway_id, amount_cents=ANNUAL_PRICE, paid_on=date(2028, 3, 5), now=noon(date(2028, 3, 5)))
+    outcome = record_boleto_payment(
+        session, boleto.gateway_id, amount_cents=ANNUAL_PRICE, paid_on=date(2028, 3, 5), now=noon(date(2028, 3, 5))
+    )
     session.commit()
     assert outcome == "credited"
     session.refresh(subscription)
     assert subscription.balance_cents == ANNUAL_PRICE
     entry = session.scalars(select(LedgerEntry).where(LedgerEntry.kind == "payment_to_credit")).one()
     assert entry.amount_cents == ANNUAL_PRICE
-    again = record_boleto_payment(session, boleto.gateway_id, amount_cents=ANNUAL_PRICE, paid_on=date(2028, 3, 5), now=noon(date(2028, 3, 5)))
+    again = record_boleto_payment(
+        session, boleto.gateway_id, amount_cents=ANNUAL_PRICE, paid_on=date(2028, 3, 5), now=noon(date(2028, 3, 5))
+    )
     assert again == "already_paid"
 
 

@@ -334,7 +334,9 @@ def test_a_failing_subscription_never_fails_its_neighbours(session, worker, bill
 
     result = process_ids(session, "renew", ids, on=DAY, now=noon(DAY), gateway=billing_gateway, config=runtime().config)
     assert result.failed == [broken.id]
-    paid = session.scalars(select(Invoice.subscription_id).where(Invoice.kind == "renewal", Invoice.status == "paid")).all()
+    paid = session.scalars(
+        select(Invoice.subscription_id).where(Invoice.kind == "renewal", Invoice.status == "paid")
+    ).all()
     assert sorted(paid) == sorted(s.id for s in good)
 
     # Through the broker the failed id is retried on its own message, then parked for operators.

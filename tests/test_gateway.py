@@ -48,9 +48,7 @@ from tests.gateway_fixtures import (
     poll,
 )
 
-PAYER = Payer(
-    name="Padaria Pão Quente Ltda", document="12.345.678/0001-95", email="financeiro@padaria.example"
-)
+PAYER = Payer(name="Padaria Pão Quente Ltda", document="12.345.678/0001-95", email="financeiro@padaria.example")
 DUE = date(2026, 3, 2)
 
 
@@ -65,9 +63,7 @@ def test_adapter_satisfies_the_port(gateway: HttpGateway) -> None:
     assert isinstance(gateway, Gateway)
 
 
-def test_successful_charge_is_in_the_ledger_once(
-    gateway: HttpGateway, sandbox_gateway: SandboxGateway
-) -> None:
+def test_successful_charge_is_in_the_ledger_once(gateway: HttpGateway, sandbox_gateway: SandboxGateway) -> None:
     key = new_key()
     result = gateway.charge("tok_ok", 19_90, key, "CONECTA mensal")
 
@@ -234,9 +230,7 @@ def test_concurrent_requests_with_one_key_charge_once(sandbox_gateway: SandboxGa
 # --- faults ---------------------------------------------------------------------------------------
 
 
-def test_injected_unavailable_fault_processes_nothing(
-    sandbox_gateway: SandboxGateway, gateway: HttpGateway
-) -> None:
+def test_injected_unavailable_fault_processes_nothing(sandbox_gateway: SandboxGateway, gateway: HttpGateway) -> None:
     key = new_key()
     with (
         sandbox_gateway.client(headers={"Sandbox-Unavailable-Rate": "1"}) as refused,
@@ -247,9 +241,7 @@ def test_injected_unavailable_fault_processes_nothing(
     assert sandbox_gateway.ledger(idempotency_key=key) == []
 
 
-def test_injected_timeout_fault_charges_then_stalls(
-    sandbox_gateway: SandboxGateway, gateway: HttpGateway
-) -> None:
+def test_injected_timeout_fault_charges_then_stalls(sandbox_gateway: SandboxGateway, gateway: HttpGateway) -> None:
     key = new_key()
     with sandbox_gateway.client(headers={"Sandbox-Timeout-Rate": "1"}) as stalling, pytest.raises(Ambiguous):
         stalling.charge("tok_ok", 1_000, key, "x")
@@ -258,9 +250,7 @@ def test_injected_timeout_fault_charges_then_stalls(
     assert len(sandbox_gateway.ledger(idempotency_key=key)) == 1
 
 
-def test_sandbox_config_changes_faults_at_runtime(
-    sandbox_gateway: SandboxGateway, gateway: HttpGateway
-) -> None:
+def test_sandbox_config_changes_faults_at_runtime(sandbox_gateway: SandboxGateway, gateway: HttpGateway) -> None:
     key = new_key()
     with sandbox_gateway.configured(unavailable_rate=1.0) as config:
         assert config["unavailable_rate"] == 1.0
@@ -270,9 +260,7 @@ def test_sandbox_config_changes_faults_at_runtime(
 
 
 def test_connection_refused_is_unavailable() -> None:
-    with HttpGateway(
-        f"http://127.0.0.1:{free_port()}", "sk", connect_timeout=1.0, read_timeout=1.0
-    ) as nowhere:
+    with HttpGateway(f"http://127.0.0.1:{free_port()}", "sk", connect_timeout=1.0, read_timeout=1.0) as nowhere:
         with pytest.raises(Unavailable):
             nowhere.charge("tok_ok", 1_000, new_key(), "x")
         with pytest.raises(Unavailable):
@@ -335,9 +323,7 @@ def stub_server(request: pytest.FixtureRequest) -> Iterator[StubServer]:
     ],
     indirect=["stub_server"],
 )
-def test_http_failures_after_sending_are_classified(
-    stub_server: StubServer, expected: type[GatewayError]
-) -> None:
+def test_http_failures_after_sending_are_classified(stub_server: StubServer, expected: type[GatewayError]) -> None:
     client = HttpGateway(stub_server.url, "sk", connect_timeout=1.0, read_timeout=1.0)
     with client, pytest.raises(expected):
         client.charge("tok_ok", 1_000, new_key(), "x")
@@ -377,9 +363,7 @@ def test_transport_errors_are_classified(
         seen.append(request)
         raise raised
 
-    with HttpGateway(
-        "http://gateway.test", "sk_secret", 1.0, 1.0, transport=httpx.MockTransport(fail)
-    ) as client:
+    with HttpGateway("http://gateway.test", "sk_secret", 1.0, 1.0, transport=httpx.MockTransport(fail)) as client:
         with pytest.raises(charge_error):
             client.charge("tok_ok", 1_000, "charge:1:1", "x")
         with pytest.raises(lookup_error):
@@ -399,9 +383,7 @@ def test_from_settings_reads_secret_and_timeouts() -> None:
 
     def answer(request: httpx.Request) -> httpx.Response:
         seen.append(request)
-        return httpx.Response(
-            404, json={"error": {"type": "invalid_request_error", "code": "resource_missing"}}
-        )
+        return httpx.Response(404, json={"error": {"type": "invalid_request_error", "code": "resource_missing"}})
 
     with HttpGateway.from_settings(settings, transport=httpx.MockTransport(answer)) as client:
         assert client.find_charge("charge:9:1") is None
@@ -415,9 +397,7 @@ def test_from_settings_reads_secret_and_timeouts() -> None:
 
 def test_charge_many_returns_one_outcome_per_request(sandbox_gateway: SandboxGateway) -> None:
     tokens = ["tok_ok", "tok_insufficient_funds", "tok_stolen", "tok_unknown", "tok_flaky", "tok_ok"]
-    requests = [
-        ChargeRequest(token, 1_000 + i, new_key(), f"chunk item {i}") for i, token in enumerate(tokens)
-    ]
+    requests = [ChargeRequest(token, 1_000 + i, new_key(), f"chunk item {i}") for i, token in enumerate(tokens)]
     with sandbox_gateway.client(max_concurrency=4) as client:
         outcomes = client.charge_many(requests)
 
@@ -446,9 +426,7 @@ def test_charge_many_runs_concurrently(sandbox_gateway: SandboxGateway) -> None:
 
 def test_charge_many_works_with_any_gateway() -> None:
     class OnlyCharges:
-        def charge(
-            self, card_token: str, amount_cents: int, idempotency_key: str, description: str
-        ) -> ChargeResult:
+        def charge(self, card_token: str, amount_cents: int, idempotency_key: str, description: str) -> ChargeResult:
             if card_token == "tok_stolen":
                 raise Declined("stolen_card", "Cartão com restrição.", True)
             return ChargeResult("ch_fake", "succeeded", amount_cents, idempotency_key)
@@ -594,11 +572,7 @@ def test_paid_boleto_sends_a_signed_webhook(
     assert entry["amount_cents"] == 358_80
     delivery = poll(
         lambda: next(
-            (
-                d
-                for d in sandbox_gateway.webhooks()
-                if d["event_id"] == event["id"] and d["status"] == "delivered"
-            ),
+            (d for d in sandbox_gateway.webhooks() if d["event_id"] == event["id"] and d["status"] == "delivered"),
             None,
         ),
         5,
@@ -687,9 +661,7 @@ def test_any_matching_signature_is_accepted_for_secret_rotation() -> None:
         ("t=1," + "v1=0," * 1000, BODY, NOW, SECRET, "malformed"),
     ],
 )
-def test_bad_signatures_are_rejected(
-    header: str | None, body: bytes, now: int, secret: str, reason: str
-) -> None:
+def test_bad_signatures_are_rejected(header: str | None, body: bytes, now: int, secret: str, reason: str) -> None:
     with pytest.raises(InvalidSignature) as invalid:
         verify(secret, header, body, now=now)
     assert reason in invalid.value.reason

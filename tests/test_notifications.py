@@ -53,48 +53,83 @@ NOW = datetime(2026, 2, 23, 9, 0, tzinfo=UTC)
 
 SAMPLES: dict[str, dict[str, Any]] = {
     "boleto_issued": {
-        "invoice_id": 41, "amount_cents": 178800, "due_date": "2026-03-02", "digitable_line": LINHA,
-        "period_start": "2026-03-02", "period_end": "2027-03-02",
+        "invoice_id": 41,
+        "amount_cents": 178800,
+        "due_date": "2026-03-02",
+        "digitable_line": LINHA,
+        "period_start": "2026-03-02",
+        "period_end": "2027-03-02",
     },
     "boleto_reminder": {
-        "invoice_id": 41, "amount_cents": 178800, "due_date": "2026-03-02", "digitable_line": LINHA,
-        "period_start": "2026-03-02", "period_end": "2027-03-02",
+        "invoice_id": 41,
+        "amount_cents": 178800,
+        "due_date": "2026-03-02",
+        "digitable_line": LINHA,
+        "period_start": "2026-03-02",
+        "period_end": "2027-03-02",
     },
     "boleto_overdue": {
-        "invoice_id": 41, "amount_cents": 178800, "due_date": "2026-03-02", "digitable_line": LINHA,
+        "invoice_id": 41,
+        "amount_cents": 178800,
+        "due_date": "2026-03-02",
+        "digitable_line": LINHA,
         "suspend_on": "2026-03-06",
     },
     "charge_succeeded": {
-        "invoice_id": 7, "amount_cents": 14990, "card_brand": "visa", "card_last4": "4242",
-        "period_start": "2026-01-31", "period_end": "2026-02-28", "paid_on": "2026-01-31",
+        "invoice_id": 7,
+        "amount_cents": 14990,
+        "card_brand": "visa",
+        "card_last4": "4242",
+        "period_start": "2026-01-31",
+        "period_end": "2026-02-28",
+        "paid_on": "2026-01-31",
     },
     "charge_failed": {
-        "invoice_id": 7, "amount_cents": 14990, "code": "insufficient_funds", "reason": "Insufficient funds",
-        "hard": False, "next_retry_on": "2026-02-01", "card_last4": "4242",
+        "invoice_id": 7,
+        "amount_cents": 14990,
+        "code": "insufficient_funds",
+        "reason": "Insufficient funds",
+        "hard": False,
+        "next_retry_on": "2026-02-01",
+        "card_last4": "4242",
     },
     "subscription_suspended": {"invoice_id": 7, "amount_cents": 14990, "reason": "card"},
     "subscription_reactivated": {"invoice_id": 7, "period_start": "2026-02-10", "period_end": "2026-03-10"},
     "payment_method_switch_scheduled": {"from_method": "card", "to_method": "boleto", "effective_on": "2026-06-15"},
     "payment_method_switch_applied": {"from_method": "card", "to_method": "boleto", "renewal_date": "2026-06-15"},
     "cycle_changed": {
-        "from_cycle": "monthly", "to_cycle": "annual", "payment_method": "card",
+        "from_cycle": "monthly",
+        "to_cycle": "annual",
+        "payment_method": "card",
         "quote": {
-            "paid_cents": 14990, "unused_cents": 7495, "balance_cents": 0, "credit_cents": 7495,
-            "amount_due_cents": 171305, "new_period_start": "2026-01-16", "new_period_end": "2027-01-16",
+            "paid_cents": 14990,
+            "unused_cents": 7495,
+            "balance_cents": 0,
+            "credit_cents": 7495,
+            "amount_due_cents": 171305,
+            "new_period_start": "2026-01-16",
+            "new_period_end": "2027-01-16",
             "balance_after_cents": 0,
         },
     },
     "card_updated": {"brand": "mastercard", "last4": "5454", "exp_month": 3, "exp_year": 2029},
     "change_request_rejected": {
-        "kind": "switch_payment_method", "code": "boleto_requires_annual",
+        "kind": "switch_payment_method",
+        "code": "boleto_requires_annual",
         "message": "A forma de pagamento boleto só está disponível para assinaturas com ciclo de cobrança anual.",
     },
     "renewal_notice": {
-        "renewal_date": "2026-04-30", "amount_cents": 178800, "cycle": "annual", "payment_method": "boleto",
+        "renewal_date": "2026-04-30",
+        "amount_cents": 178800,
+        "cycle": "annual",
+        "payment_method": "boleto",
         "switch_deadline": "2026-04-22",
     },
     "subscribed": {
-        "cycle": "annual", "payment_method": "card", "period_start": "2026-01-15", "period_end": "2027-01-15",
+        "cycle": "annual",
+        "payment_method": "card",
+        "period_start": "2026-01-15",
+        "period_end": "2027-01-15",
         "amount_cents": 178800,
     },
     "cancellation_scheduled": {"ends_on": "2026-05-31"},
@@ -109,19 +144,29 @@ EXPECTED: dict[str, list[str]] = {
     "boleto_overdue": ["R$\xa01.788,00", "venceu em 02/03/2026", LINHA, "suspensa em 06/03/2026"],
     "charge_succeeded": ["R$\xa0149,90", "Visa final 4242", "Data: 31/01/2026", "Próxima renovação: 28/02/2026"],
     "charge_failed": [
-        "R$\xa0149,90", "final 4242", "saldo ou limite insuficiente", "nova tentativa de cobrança automaticamente em "
-        "01/02/2026", "Minhas assinaturas", "Alterar forma de pagamento", "Formas de pagamento",
+        "R$\xa0149,90",
+        "final 4242",
+        "saldo ou limite insuficiente",
+        "nova tentativa de cobrança automaticamente em 01/02/2026",
+        "Minhas assinaturas",
+        "Alterar forma de pagamento",
+        "Formas de pagamento",
     ],
     "subscription_suspended": ["R$\xa0149,90", "suspensa", "Formas de pagamento"],
     "subscription_reactivated": ["ativa novamente", "10/02/2026 a 09/03/2026", "Próxima renovação: 10/03/2026"],
     "payment_method_switch_scheduled": ["de cartão de crédito para boleto", "15/06/2026"],
     "payment_method_switch_applied": ["de cartão de crédito para boleto", "15/06/2026"],
     "cycle_changed": [
-        "de mensal para anual", "R$\xa0149,90", "R$\xa074,95", "R$\xa01.713,05", "Próxima renovação: 16/01/2027",
+        "de mensal para anual",
+        "R$\xa0149,90",
+        "R$\xa074,95",
+        "R$\xa01.713,05",
+        "Próxima renovação: 16/01/2027",
     ],
     "card_updated": ["Mastercard final 5454", "Validade: 03/2029"],
     "change_request_rejected": [
-        "alteração da forma de pagamento", "só está disponível para assinaturas com ciclo de cobrança anual",
+        "alteração da forma de pagamento",
+        "só está disponível para assinaturas com ciclo de cobrança anual",
         "Nenhuma alteração foi feita",
     ],
     "renewal_notice": ["renovada em 30/04/2026", "R$\xa01.788,00", "boleto", "até 22/04/2026"],
@@ -211,11 +256,17 @@ def plain_body(message: EmailMessage) -> str:
 def test_notify_is_idempotent_by_dedupe_key(session: Session) -> None:
     billing_org(session)
     first = notify(
-        session, organization_id=ORG_ID, kind="boleto_issued", dedupe_key="boleto_issued:41",
+        session,
+        organization_id=ORG_ID,
+        kind="boleto_issued",
+        dedupe_key="boleto_issued:41",
         context=SAMPLES["boleto_issued"],
     )
     again = notify(
-        session, organization_id=ORG_ID, kind="boleto_issued", dedupe_key="boleto_issued:41",
+        session,
+        organization_id=ORG_ID,
+        kind="boleto_issued",
+        dedupe_key="boleto_issued:41",
         context={**SAMPLES["boleto_issued"], "amount_cents": 1},
     )
     session.commit()
@@ -229,7 +280,10 @@ def test_notify_is_idempotent_by_dedupe_key(session: Session) -> None:
 def test_notify_stores_dates_as_iso_strings(session: Session) -> None:
     billing_org(session)
     notification_id = notify(
-        session, organization_id=ORG_ID, kind="cancellation_scheduled", dedupe_key="cancel:1",
+        session,
+        organization_id=ORG_ID,
+        kind="cancellation_scheduled",
+        dedupe_key="cancel:1",
         context={"ends_on": date(2026, 5, 31)},
     )
     session.commit()
@@ -329,8 +383,10 @@ def test_each_kind_renders_in_portuguese(kind: str) -> None:
 
 
 def test_html_alternative_escapes_what_it_shows() -> None:
-    rendered = render(Notification(kind="cancellation_undone", context=SAMPLES["cancellation_undone"],
-                                   recipients=[]), "Silva & Souza <Ltda>")
+    rendered = render(
+        Notification(kind="cancellation_undone", context=SAMPLES["cancellation_undone"], recipients=[]),
+        "Silva & Souza <Ltda>",
+    )
     assert "Silva & Souza <Ltda>" in rendered.text
     assert "Silva &amp; Souza &lt;Ltda&gt;" in rendered.html and "<Ltda>" not in rendered.html
 
@@ -356,11 +412,20 @@ def test_charge_failed_explains_hard_declines_and_the_last_attempt() -> None:
 
 def test_cycle_change_to_monthly_shows_the_extension() -> None:
     context = {
-        "from_cycle": "annual", "to_cycle": "monthly", "payment_method": "card",
+        "from_cycle": "annual",
+        "to_cycle": "monthly",
+        "payment_method": "card",
         "quote": {
-            "paid_cents": 178800, "unused_cents": 89400, "balance_cents": 500, "credit_cents": 89900,
-            "amount_due_cents": 0, "new_period_start": "2026-07-01", "new_period_end": "2026-12-15",
-            "balance_after_cents": 300, "months": 5, "extra_days": 1,
+            "paid_cents": 178800,
+            "unused_cents": 89400,
+            "balance_cents": 500,
+            "credit_cents": 89900,
+            "amount_due_cents": 0,
+            "new_period_start": "2026-07-01",
+            "new_period_end": "2026-12-15",
+            "balance_after_cents": 300,
+            "months": 5,
+            "extra_days": 1,
         },
     }
     text = render(Notification(kind="cycle_changed", context=context, recipients=[]), ORG_NAME).text
@@ -424,7 +489,10 @@ def test_delivered_once_through_the_broker(
         ],
     )
     notification_id = notify(
-        session, organization_id=ORG_ID, kind="boleto_issued", dedupe_key="boleto_issued:41",
+        session,
+        organization_id=ORG_ID,
+        kind="boleto_issued",
+        dedupe_key="boleto_issued:41",
         context=SAMPLES["boleto_issued"],
     )
     session.commit()  # notify enqueued the delivery, sent now that the row exists
@@ -432,7 +500,8 @@ def test_delivered_once_through_the_broker(
     wait_until(lambda: fetch(notification_id).status == "sent")
     [message] = mailbox.messages()
     assert [address for _, address in getaddresses([message["To"]])] == [
-        "dona@acme.com.br", "financeiro@acme.com.br",
+        "dona@acme.com.br",
+        "financeiro@acme.com.br",
     ]
     assert message["From"] == MAIL_FROM
     assert message["Subject"] == "Boleto da assinatura CONECTA: R$\xa01.788,00, vencimento em 02/03/2026"

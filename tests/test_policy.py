@@ -489,6 +489,9 @@ def test_vocabulary_matches_the_stored_enumerations() -> None:
     assert set(SUBSCRIPTION_STATUSES) == {member.value for member in SubscriptionStatus}
     # Enum members work wherever a string is expected.
     assert can_change_billing(role=Role.OWNER, financial_responsible=False, active=True)
-    assert method_for_cycle_change(
-        to_cycle=Cycle.MONTHLY, requested_method=None, current_method=PaymentMethod.BOLETO, has_card=True
-    ) == CARD
+    assert (
+        method_for_cycle_change(
+            to_cycle=Cycle.MONTHLY, requested_method=None, current_method=PaymentMethod.BOLETO, has_card=True
+        )
+        == CARD
+    )

@@ -32,9 +32,7 @@ def api_url(sandbox_gateway) -> Iterator[str]:
     from workers.api import create_app
 
     app = create_app()
-    settings = get_settings().model_copy(
-        update={"gateway_webhook_secret": SecretStr(sandbox_gateway.webhook_secret)}
-    )
+    settings = get_settings().model_copy(update={"gateway_webhook_secret": SecretStr(sandbox_gateway.webhook_secret)})
     app.dependency_overrides[get_settings] = lambda: settings
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

@@ -86,9 +86,7 @@ class SmtpMailer:
 
     def _connect(self) -> smtplib.SMTP:
         if self.use_tls:
-            return smtplib.SMTP_SSL(
-                self.host, self.port, timeout=self.timeout, context=ssl.create_default_context()
-            )
+            return smtplib.SMTP_SSL(self.host, self.port, timeout=self.timeout, context=ssl.create_default_context())
         return smtplib.SMTP(self.host, self.port, timeout=self.timeout)
 
     def send(self, message: EmailMessage) -> None:
@@ -134,8 +132,7 @@ class EmlWriter:
             content = content.encode("utf-8")
         # Bcc recipients exist only in the envelope; keeping it shows who the server was asked to reach.
         envelope_headers = (
-            f"X-Envelope-From: {envelope.mail_from}\r\n"
-            f"X-Envelope-To: {', '.join(envelope.rcpt_tos)}\r\n"
+            f"X-Envelope-From: {envelope.mail_from}\r\nX-Envelope-To: {', '.join(envelope.rcpt_tos)}\r\n"
         ).encode()
         await asyncio.to_thread(write_eml, self.directory, envelope_headers + content)
         return "250 Message accepted for delivery"
@@ -190,8 +187,7 @@ class MailSink:
 def read_messages(directory: Path) -> list[EmailMessage]:
     """The stored messages, oldest first."""
     return [
-        message_from_bytes(path.read_bytes(), policy=policy.default)
-        for path in sorted(Path(directory).glob("*.eml"))
+        message_from_bytes(path.read_bytes(), policy=policy.default) for path in sorted(Path(directory).glob("*.eml"))
     ]
 
 

@@ -30,9 +30,7 @@ class Settings(BaseSettings):
     billing_run_at: time = Field(time(6, 0), alias="BILLING_RUN_AT")
     boleto_lead_days: int = Field(7, ge=1, le=60, alias="BOLETO_LEAD_DAYS")
     boleto_due_days: int = Field(3, ge=1, le=30, alias="BOLETO_DUE_DAYS")
-    dunning_retry_days: Annotated[tuple[int, ...], NoDecode] = Field(
-        (1, 3, 5, 7), alias="DUNNING_RETRY_DAYS"
-    )
+    dunning_retry_days: Annotated[tuple[int, ...], NoDecode] = Field((1, 3, 5, 7), alias="DUNNING_RETRY_DAYS")
     boleto_grace_business_days: int = Field(3, ge=0, le=60, alias="BOLETO_GRACE_BUSINESS_DAYS")
     tick_interval_seconds: float = Field(60.0, gt=0, alias="TICK_INTERVAL_SECONDS")
 
