@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import date, datetime, time, timedelta
 from typing import Any
 
 import dramatiq
@@ -477,7 +477,3 @@ def _requeue_change_requests(session: Session, now: datetime) -> int:
 @dramatiq.actor(queue_name="billing", **STANDARD)
 def tick(now: str, run_at: str = "06:00") -> None:
     tick_once(current_session(), datetime.fromisoformat(now), runtime().config, time.fromisoformat(run_at))
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)

@@ -129,7 +129,7 @@ ERROR_CODES: Final[dict[str, str]] = {
 }
 
 # Ledger kinds that move the subscription's credit balance (`balance_cents` is their running sum).
-CREDIT_KINDS: Final = ("proration_credit", "credit_applied", "credit_restored")
+CREDIT_KINDS: Final = ("proration_credit", "credit_applied", "credit_restored", "payment_to_credit")
 
 # The names the notification templates know for each kind ("Solicitação de …").
 _NOTICE_KIND: Final = {

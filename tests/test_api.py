@@ -470,3 +470,12 @@ def test_a_rejected_request_shows_its_error_and_nothing_else_changed(client, ses
     assert "Formas de pagamento" in shown["error"]["message"]
     assert shown["result"] is None and shown["processed_at"] is not None
     assert subscription_json(client, subscription.id)["cycle"] == "annual"
+
+
+def test_every_rejection_code_is_documented_in_the_readme():
+    from jobs.changes import ERROR_CODES
+    from tests.conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    undocumented = [code for code in ERROR_CODES if f"`{code}`" not in readme]
+    assert undocumented == []
