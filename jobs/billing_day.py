@@ -295,7 +295,7 @@ def process_chunk(task_name: str, run_date: str, ids: list[int], now: str) -> No
 
 
 class FutureDateRefused(ValueError):
-    pass
+    """A business date after today, outside development and test."""
 
 
 def claim_run(session: Session, on: date) -> bool:

@@ -49,7 +49,7 @@ _local = threading.local()
 
 
 class NotConfigured(RuntimeError):
-    pass
+    """A job ran before the runtime bound its session, gateway or settings."""
 
 
 def configure(runtime: Runtime) -> None:

@@ -20,7 +20,7 @@ from models.states import InvoiceKind, InvoiceStatus, SubscriptionStatus
 
 
 class MissingPlan(LookupError):
-    pass
+    """No price for a product and billing cycle."""
 
 
 def plan_price(session: Session, product: str, cycle: str) -> int:

@@ -17,10 +17,6 @@ from workers.queues import queue_depths
 ATTEMPTS: list[int] = []
 
 
-class FlakyInfrastructure(ConnectionError):
-    pass
-
-
 @dramatiq.actor(queue_name="billing", max_retries=2, min_backoff=10, max_backoff=20)
 def always_fails(note: str) -> None:
     # The session is bound and the row is written, but the failure rolls it back.

@@ -25,7 +25,7 @@ DATABASE_NAME = "renova"
 
 
 class EmbeddedStackError(RuntimeError):
-    pass
+    """The embedded PostgreSQL or Redis did not start."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:

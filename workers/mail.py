@@ -44,7 +44,7 @@ _TRUE: Final = {"1", "true", "yes", "on"}
 
 
 class MailError(RuntimeError):
-    pass
+    """The embedded mail sink could not be started."""
 
 
 # --- sending -----------------------------------------------------------------------------------
