@@ -204,12 +204,24 @@ def charge_and_record(
     now: datetime,
     config: BillingConfig,
 ) -> dict[int, str]:
-    """Phases 2 and 3 for attempts the caller has recorded (phase 1) in its own transaction."""
-    outcomes = execute_charges(session, gateway, prepared)
-    statuses: dict[int, str] = {}
-    for item, outcome in zip(prepared, outcomes, strict=True):
-        # One savepoint per attempt: recording one outcome can never undo its neighbours'. An
-        # attempt whose recording failed stays pending, and the janitor reconciles it by its key.
+    """Phases 2 and 3 for attempts the caller has recorded (phase 1) in its own transaction.
+
+    The outcomes are recorded in one transaction; only if one of them fails is the batch recorded
+    again with a savepoint per attempt, so recording one outcome never undoes its neighbours'. An
+    attempt whose recording failed stays pending, and the janitor reconciles it by its key.
+    """
+    outcomes = list(zip(prepared, execute_charges(session, gateway, prepared), strict=True))
+    try:
+        statuses = {
+            item.charge_id: record_charge_outcome(session, item.charge_id, outcome, on=on, now=now, config=config)
+            for item, outcome in outcomes
+        }
+        session.commit()
+        return statuses
+    except Exception:
+        session.rollback()
+    statuses = {}
+    for item, outcome in outcomes:
         savepoint = session.begin_nested()
         try:
             statuses[item.charge_id] = record_charge_outcome(

@@ -349,3 +349,27 @@ def test_a_failing_subscription_never_fails_its_neighbours(session, worker, bill
     run = session.scalars(select(BillingRun)).one()
     session.refresh(run)
     assert run.failed_count == 1
+
+
+def test_one_outcome_that_cannot_be_recorded_leaves_the_others_recorded(session, billing_gateway):
+    import uuid as uuid_module
+
+    from jobs.payments import PreparedCharge, charge_and_record
+
+    seed_plans(session)
+    subscription = card_subscription(session, 1, DAY)
+    session.commit()
+    work = Work(on=DAY, now=noon(DAY), config=runtime().config, gateway=billing_gateway)
+    renew(session, subscription.id, work)
+    session.commit()
+    (real,) = work.charges
+    orphan = PreparedCharge(
+        10**9, ChargeRequest("tok_ok", 100, f"orphan-{uuid_module.uuid4()}", "an attempt with no row")
+    )
+
+    statuses = charge_and_record(
+        session, billing_gateway, [orphan, real], on=DAY, now=noon(DAY), config=runtime().config
+    )
+
+    assert statuses == {orphan.charge_id: "pending", real.charge_id: "succeeded"}
+    assert session.scalar(select(Invoice.status).where(Invoice.kind == "renewal")) == "paid"
