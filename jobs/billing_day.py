@@ -52,6 +52,8 @@ class Task:
     handle: Handler
     # Python-side refinement of a scan whose rule the SQL cannot express (business days).
     keep: Callable[[Session, list[int], date, BillingConfig], list[int]] | None = None
+    # Set-based handling of a chunk's common case; returns the ids left for `handle`.
+    handle_many: Callable[[Session, Sequence[int], Work], list[int]] | None = None
 
 
 # --- scans -----------------------------------------------------------------------------------------
@@ -190,7 +192,7 @@ TASKS: dict[str, Task] = {
     task.name: task
     for task in (
         Task("issue_boletos", scan_boletos_to_issue, renewals.issue_renewal_boleto),
-        Task("renew", scan_renewals, renewals.renew),
+        Task("renew", scan_renewals, renewals.renew, handle_many=renewals.renew_many),
         Task("retry_charges", scan_card_retries, renewals.retry_charge),
         Task("boletos_overdue", scan_boletos_overdue, dunning.mark_boleto_overdue, keep_overdue),
         Task("suspend_boletos", scan_boleto_suspensions, dunning.suspend_for_boleto, keep_suspensions),
@@ -238,7 +240,8 @@ def process_ids(
     task = TASKS[task_name]
     work = Work(on=on, now=now, config=config, gateway=gateway)
     try:
-        for item_id in ids:
+        remaining = task.handle_many(session, ids, work) if task.handle_many else ids
+        for item_id in remaining:
             task.handle(session, item_id, work)
         session.commit()
         failed: list[int] = []

@@ -18,6 +18,8 @@ from models.calendar import add_cycle
 from models.schema import Invoice, LedgerEntry, Plan, Subscription
 from models.states import InvoiceKind, InvoiceStatus, SubscriptionStatus
 
+CREDIT_APPLIED = "Crédito aplicado à fatura"
+
 
 class MissingPlan(LookupError):
     """No price for a product and billing cycle."""
@@ -104,7 +106,7 @@ def create_renewal_invoice(
     invoice = session.get_one(Invoice, invoice_id)
     if discount:
         subscription.balance_cents -= discount
-        ledger(session, subscription, "credit_applied", -discount, "Crédito aplicado à fatura", invoice_id=invoice.id)
+        ledger(session, subscription, "credit_applied", -discount, CREDIT_APPLIED, invoice_id=invoice.id)
     return invoice
 
 

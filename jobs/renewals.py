@@ -5,15 +5,18 @@ row lock (a duplicate or late message finds nothing left to do) and commits per 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import select, text, update
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from gateways.base import Gateway, GatewayError, GatewayRejected, Unavailable
 from jobs.context import BillingConfig
 from jobs.invoicing import (
+    CREDIT_APPLIED,
     create_renewal_invoice,
     lock_subscription,
     mark_invoice_paid,
@@ -26,13 +29,14 @@ from jobs.notifications import notify
 from jobs.payments import (
     PreparedCharge,
     charge_and_record,
+    idempotency_key,
     issue_boleto,
     notify_charge_failed,
     open_charge_attempt,
     prepare,
 )
 from models.policy import late_boleto_due_date
-from models.schema import Boleto, Card, Charge, Invoice, Subscription
+from models.schema import Boleto, Card, Charge, Invoice, LedgerEntry, Subscription
 from models.states import (
     BoletoStatus,
     ChargeStatus,
@@ -171,6 +175,147 @@ def renew(session: Session, subscription_id: int, work: Work) -> None:
                 work.charges.append(prepare(charge))
     if invoice.method == PaymentMethod.BOLETO:
         queue_missing_boletos(session, subscription.id, work)
+
+
+def renew_many(session: Session, subscription_ids: Sequence[int], work: Work) -> list[int]:
+    """The plain renewals of a chunk, set-based: one locking read, one multi-row insert each for
+    invoices, credit entries and charges, one batch of period updates. A plain renewal is an active
+    or past-due card subscription due on or before D, with a card on file, no pending switch or
+    cancellation, no change being charged, no invoice yet for the new period and something to charge.
+    Returns the ids it left to `renew`, which handles every other case one by one."""
+    rows = session.execute(
+        select(
+            Subscription.id,
+            Subscription.organization_id,
+            Subscription.product,
+            Subscription.cycle,
+            Subscription.status,
+            Subscription.payment_method,
+            Subscription.pending_payment_method,
+            Subscription.cancel_at_period_end,
+            Subscription.billing_anchor,
+            Subscription.current_period_end,
+            Subscription.balance_cents,
+            Card.id.label("card_id"),
+            Card.token.label("card_token"),
+            Card.last4.label("card_last4"),
+        )
+        .outerjoin(Card, Card.organization_id == Subscription.organization_id)
+        .where(Subscription.id.in_(subscription_ids))
+        .order_by(Subscription.id)
+        .with_for_update(of=Subscription)
+    ).all()
+    in_flight = set(
+        session.scalars(
+            select(Invoice.subscription_id)
+            .join(Charge, Charge.invoice_id == Invoice.id)
+            .where(
+                Invoice.subscription_id.in_(subscription_ids),
+                Invoice.kind != "renewal",
+                Invoice.status == InvoiceStatus.OPEN,
+                Charge.status.in_([ChargeStatus.PENDING, ChargeStatus.UNKNOWN]),
+            )
+        )
+    )
+    plain, invoices = {}, []
+    for row in rows:
+        price = plan_price(session, row.product, row.cycle)
+        discount = min(row.balance_cents, price)
+        if (
+            row.current_period_end > work.on
+            or row.status not in (SubscriptionStatus.ACTIVE, SubscriptionStatus.PAST_DUE)
+            or row.cancel_at_period_end
+            or row.pending_payment_method
+            or row.payment_method != PaymentMethod.CARD
+            or row.card_id is None
+            or row.id in in_flight
+            or price - discount <= 0
+        ):
+            continue
+        plain[row.id] = row
+        renewal = row.current_period_end
+        invoices.append(
+            {
+                "subscription_id": row.id,
+                "organization_id": row.organization_id,
+                "kind": "renewal",
+                "cycle": row.cycle,
+                "period_start": renewal,
+                "period_end": next_period_end(row, renewal),
+                "amount_cents": price,
+                "discount_cents": discount,
+                "total_cents": price - discount,
+                "method": PaymentMethod.CARD.value,
+                "due_date": renewal,
+            }
+        )
+    created = (
+        session.execute(
+            insert(Invoice)
+            .values(invoices)
+            .on_conflict_do_nothing(
+                index_elements=["subscription_id", "period_start"],
+                index_where=text("kind = 'renewal' AND status <> 'void'"),
+            )
+            .returning(
+                Invoice.id, Invoice.subscription_id, Invoice.period_end, Invoice.total_cents, Invoice.discount_cents
+            )
+        ).all()
+        if invoices
+        else []
+    )
+    if created:
+        session.execute(
+            update(Subscription),
+            [
+                {
+                    "id": invoice.subscription_id,
+                    "current_period_start": plain[invoice.subscription_id].current_period_end,
+                    "current_period_end": invoice.period_end,
+                    "balance_cents": plain[invoice.subscription_id].balance_cents - invoice.discount_cents,
+                }
+                for invoice in created
+            ],
+        )
+        credits = [
+            {
+                "subscription_id": invoice.subscription_id,
+                "invoice_id": invoice.id,
+                "kind": "credit_applied",
+                "amount_cents": -invoice.discount_cents,
+                "description": CREDIT_APPLIED,
+            }
+            for invoice in created
+            if invoice.discount_cents
+        ]
+        if credits:
+            session.execute(insert(LedgerEntry).values(credits))
+        charge_ids = session.scalars(
+            insert(Charge)
+            .values(
+                [
+                    {
+                        "invoice_id": invoice.id,
+                        "attempt": 1,
+                        "idempotency_key": idempotency_key(invoice.id, 1),
+                        "amount_cents": invoice.total_cents,
+                        "card_id": plain[invoice.subscription_id].card_id,
+                        "card_token": plain[invoice.subscription_id].card_token,
+                        "card_last4": plain[invoice.subscription_id].card_last4,
+                    }
+                    for invoice in created
+                ]
+            )
+            .returning(Charge.id)
+        ).all()
+        work.charges.extend(
+            prepare(charge) for charge in session.scalars(select(Charge).where(Charge.id.in_(charge_ids)))
+        )
+        work.done += len(created)
+    # The subscriptions just renewed may sit in the session's identity map with their old period.
+    session.expire_all()
+    renewed = {invoice.subscription_id for invoice in created}
+    return [subscription_id for subscription_id in subscription_ids if subscription_id not in renewed]
 
 
 def change_charge_in_flight(session: Session, subscription_id: int) -> bool:

@@ -433,3 +433,50 @@ def test_a_boleto_the_gateway_refuses_does_not_block_its_neighbours(session, bil
     refused = session.scalars(select(Invoice).where(Invoice.subscription_id == first.id)).all()
     assert [(i.kind, i.status) for i in refused if i.kind == "renewal"] == [("renewal", "open")]
     assert "refused the boleto" in caplog.text
+
+
+def test_plain_card_renewals_are_handled_as_a_set_and_the_rest_one_by_one(session, billing_gateway):
+    from jobs.renewals import Work, renew_many
+
+    seed_plans(session)
+    anchor = date(2027, 4, 10)
+    plain = make_subscription(session, make_organization(session, 1), cycle="monthly", method="card", anchor=anchor)
+    partly_credited = make_subscription(
+        session, make_organization(session, 2), cycle="monthly", method="card", anchor=anchor, balance_cents=1_000
+    )
+    switching = make_subscription(
+        session, make_organization(session, 3), cycle="annual", method="card", anchor=anchor.replace(year=2026, month=5)
+    )
+    switching.pending_payment_method = "boleto"
+    ending = make_subscription(session, make_organization(session, 4), cycle="monthly", method="card", anchor=anchor)
+    ending.cancel_at_period_end = True
+    cardless = make_subscription(
+        session, make_organization(session, 5, card_token=None), cycle="monthly", method="card", anchor=anchor
+    )
+    covered = make_subscription(
+        session,
+        make_organization(session, 6),
+        cycle="monthly",
+        method="card",
+        anchor=anchor,
+        balance_cents=MONTHLY_PRICE,
+    )
+    session.commit()
+    ids = [plain.id, partly_credited.id, switching.id, ending.id, cardless.id, covered.id]
+    on = date(2027, 5, 10)
+    work = Work(on=on, now=noon(on), config=runtime().config, gateway=billing_gateway)
+
+    left = renew_many(session, ids, work)
+    session.commit()
+
+    assert left == [switching.id, ending.id, cardless.id, covered.id]
+    assert sorted(charge.request.amount_cents for charge in work.charges) == [MONTHLY_PRICE - 1_000, MONTHLY_PRICE]
+    for subscription in (plain, partly_credited):
+        session.refresh(subscription)
+        assert (subscription.current_period_start, subscription.current_period_end) == (on, date(2027, 6, 10))
+    assert partly_credited.balance_cents == 0
+    from models.schema import LedgerEntry
+
+    credit = session.scalars(select(LedgerEntry).where(LedgerEntry.subscription_id == partly_credited.id)).one()
+    assert (credit.kind, credit.amount_cents) == ("credit_applied", -1_000)
+    assert renew_many(session, ids, work) == ids  # a duplicate finds nothing left to renew as a set

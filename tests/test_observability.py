@@ -25,4 +25,3 @@ def test_message_arguments_are_scrubbed_and_the_rest_kept():
     assert data["args"] == SCRUBBED and data["kwargs"] == SCRUBBED
     assert data["actor_name"] == "submit_change_request" and data["message_id"] == "m-1"
     assert "tok_secret" not in repr(scrubbed)
-
