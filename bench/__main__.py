@@ -177,6 +177,26 @@ def measure_run(broker, count: int, *, with_charge: bool) -> float:
         worker.stop()
 
 
+def measure_renewal_statements(count: int) -> float:
+    """Phase 1 alone, as DESIGN measures it: the chunks' renewal statements, no gateway call."""
+    from jobs.billing_day import CHUNK_SIZE, TASKS, due_ids
+    from jobs.context import runtime
+    from jobs.renewals import Work, renew_many
+    from workers.db import get_session_factory
+
+    seed(count, with_charge=True)
+    now = datetime.combine(RUN_DATE, clock_time(12), UTC)
+    with get_session_factory()() as session:
+        ids = due_ids(session, TASKS["renew"], RUN_DATE, runtime().config)
+        session.commit()
+        started = time.perf_counter()
+        for start in range(0, len(ids), CHUNK_SIZE):
+            work = Work(on=RUN_DATE, now=now, config=runtime().config, gateway=runtime().gateway_factory())
+            renew_many(session, ids[start : start + CHUNK_SIZE], work)
+            session.commit()
+        return len(ids) / (time.perf_counter() - started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--subscriptions", type=int, default=2000)
@@ -190,6 +210,7 @@ def main() -> None:
         broker.flush_all()
         reset_database()
         noop = measure_noop(broker, args.subscriptions)
+        statements = measure_renewal_statements(args.subscriptions)
         credit_only = measure_run(broker, args.subscriptions, with_charge=False)
         charged = measure_run(broker, args.subscriptions, with_charge=True)
     finally:
@@ -203,6 +224,11 @@ def main() -> None:
     for column in ("measure", "per second", "ratio to a bare message"):
         table.add_column(column)
     table.add_row("bare Dramatiq message (baseline)", f"{noop:,.0f}", "1.00")
+    table.add_row(
+        "card renewal statements, chunks of 200, one thread (no gateway call)",
+        f"{statements:,.0f}",
+        f"{statements / noop:.2f}",
+    )
     table.add_row("renewal paid by credit (no gateway call)", f"{credit_only:,.0f}", f"{credit_only / noop:.2f}")
     table.add_row("renewal charged through the sandbox gateway", f"{charged:,.0f}", f"{charged / noop:.2f}")
     Console().print(table)
