@@ -35,6 +35,9 @@ jobs.require_broker()
 logger = logging.getLogger(__name__)
 
 CHUNK_SIZE = 200
+# Dramatiq runs lower numbers first among the messages a worker holds: a renewal backlog's chunks
+# yield to change requests, notices and payments (all at the default 0).
+BACKLOG_PRIORITY = 100
 # A run is re-scanned when this long has passed since its last scan and work is still due.
 RESCAN_AFTER = timedelta(minutes=5)
 # After this many scans a run is closed even if some rows keep failing (they stay visible and
@@ -270,7 +273,7 @@ def handle_one_by_one(session: Session, task: Task, ids: Sequence[int], work: Wo
     return failed
 
 
-@dramatiq.actor(queue_name="billing", **STANDARD)
+@dramatiq.actor(queue_name="billing", priority=BACKLOG_PRIORITY, **STANDARD)
 def process_chunk(task_name: str, run_date: str, ids: list[int], now: str) -> None:
     session = current_session()
     on = date.fromisoformat(run_date)
