@@ -64,3 +64,40 @@ def test_a_bug_is_not_retried_but_dead_lettered_at_once(worker, broker):
 def broker_url(broker) -> str:
     kwargs = broker.client.connection_pool.connection_kwargs
     return f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"
+
+
+BROKEN = {"now": True}
+
+
+@dramatiq.actor(queue_name="billing", max_retries=0)
+def fails_until_fixed(note: dict) -> None:
+    if BROKEN["now"]:
+        raise RuntimeError(f"not yet: {note['kind']}")
+    current_session().add(AuditEvent(actor="test", action="fixed", target_id=note["kind"]))
+
+
+def test_operators_list_and_requeue_dead_letters(worker, broker):
+    from tests.test_cli import renova
+
+    BROKEN["now"] = True
+    message = fails_until_fixed.send({"kind": "card", "token": "tok_secret_value"})
+    wait_until(lambda: queue_depths(broker_url(broker), ("billing",))[0].dead)
+
+    listed = renova("dead-letters", "list", "-Q", "billing", COLUMNS="300")
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert message.message_id in listed.stdout
+    assert "fails_until_fixed" in listed.stdout and "RuntimeError: not yet: card" in listed.stdout
+    assert "tok_secret_value" not in listed.stdout
+
+    refused = renova("dead-letters", "requeue", "--reason", "gateway fixed")
+    assert refused.returncode == 1 and "--id" in refused.stdout
+
+    BROKEN["now"] = False
+    requeued = renova("dead-letters", "requeue", "--id", message.message_id, "--reason", "bug fixed", "--actor", "ana")
+    assert requeued.returncode == 0, requeued.stdout + requeued.stderr
+    assert "requeued 1 message(s)" in requeued.stdout
+    wait_until(lambda: count("fixed"))
+    assert queue_depths(broker_url(broker), ("billing",))[0].dead == 0
+    with get_session_factory()() as session:
+        audit = session.scalars(select(AuditEvent).where(AuditEvent.action == "dead_letter.requeue")).one()
+    assert (audit.actor, audit.reason, audit.target_id) == ("ana", "bug fixed", message.message_id)

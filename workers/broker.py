@@ -22,7 +22,7 @@ from gateways.base import Gateway
 from jobs.context import BillingConfig, Runtime, configure
 from workers.db import get_session_factory, resolved_urls
 from workers.mail import mailer_from_settings
-from workers.middleware import DatabaseSession
+from workers.middleware import DatabaseSession, DeadLetterErrors
 from workers.queues import QUEUES
 from workers.settings import Settings, get_settings
 
@@ -70,6 +70,8 @@ def build_broker(redis_url: str) -> RedisBroker:
         ShutdownNotifications(),
         Callbacks(),
         Pipelines(),
+        # "after" hooks run in reverse order: listed before Retries, it sees Retries' verdict.
+        DeadLetterErrors(),
         Retries(
             max_retries=DEFAULT_MAX_RETRIES,
             min_backoff=DEFAULT_MIN_BACKOFF_MS,

@@ -19,6 +19,8 @@ db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic migrat
 stack_app = typer.Typer(no_args_is_help=True, help="The embedded development stack (PostgreSQL + Redis).")
 app.add_typer(db_app, name="db")
 app.add_typer(stack_app, name="stack")
+dead_app = typer.Typer(no_args_is_help=True, help="Messages that failed for good (Dramatiq's dead-letter queues).")
+app.add_typer(dead_app, name="dead-letters")
 
 console = Console()
 
@@ -352,6 +354,89 @@ def web(
         port=port or settings.web_port,
         log_level="info",
     )
+
+
+def _broker_client():
+    wire()
+    from workers.broker import broker
+
+    return broker, broker.client
+
+
+@dead_app.command("list")
+def dead_letters_list(queue: list[str] | None = typer.Option(None, "--queue", "-Q", help="Only these queues.")) -> None:
+    """Dead messages, oldest first: queue, id, actor, arguments (tokens and e-mails masked), last error."""
+    from workers.dead_letters import dead_letters
+    from workers.queues import QUEUES
+
+    _, client = _broker_client()
+    found = dead_letters(client, tuple(queue) if queue else QUEUES)
+    if not found:
+        console.print("no dead letters")
+        return
+    table = Table(title=f"Dead letters ({len(found)})")
+    for column in ("queue", "message id", "actor", "arguments", "retries", "last error", "died at (UTC)"):
+        # Ids are copied into `requeue --id`: never wrapped.
+        table.add_column(column, overflow="fold", no_wrap=column == "message id")
+    for letter in found:
+        table.add_row(
+            letter.queue,
+            letter.message_id,
+            letter.actor,
+            letter.arguments[:120],
+            str(letter.retries),
+            letter.error[:160],
+            f"{letter.died_at:%Y-%m-%d %H:%M:%S}",
+        )
+    console.print(table)
+
+
+@dead_app.command("requeue")
+def dead_letters_requeue(
+    reason: str = typer.Option(..., help="Why (kept in the audit log)."),
+    message_id: list[str] | None = typer.Option(None, "--id", help="Message ids to requeue (repeatable)."),
+    all_messages: bool = typer.Option(False, "--all", help="Requeue every dead letter of the queues selected."),
+    queue: list[str] | None = typer.Option(None, "--queue", "-Q", help="Only these queues."),
+    actor: str = typer.Option(os.environ.get("USER", "operator"), help="Who is requeueing (audit log)."),
+) -> None:
+    """Put dead messages back on their queues with a fresh retry budget, and record who and why."""
+    from workers.dead_letters import dead_letters, requeue
+    from workers.queues import QUEUES
+
+    if not reason.strip():
+        fail("--reason must say why the messages are requeued")
+    if not message_id and not all_messages:
+        fail("name the messages with --id, or pass --all")
+    broker, client = _broker_client()
+    chosen = [
+        letter
+        for letter in dead_letters(client, tuple(queue) if queue else QUEUES)
+        if all_messages or letter.message_id in (message_id or [])
+    ]
+    missing = set(message_id or []) - {letter.message_id for letter in chosen}
+    if missing:
+        fail(f"no dead letter with id {', '.join(sorted(missing))}")
+
+    from models.schema import AuditEvent
+    from workers.db import get_session_factory
+
+    requeued: list[str] = []
+    with get_session_factory()() as session:
+        for letter in chosen:
+            if requeue(broker, client, letter):
+                requeued.append(letter.message_id)
+                session.add(
+                    AuditEvent(
+                        actor=actor,
+                        action="dead_letter.requeue",
+                        target_type="message",
+                        target_id=letter.message_id,
+                        reason=reason,
+                        details={"queue": letter.queue, "actor_name": letter.actor, "error": letter.error},
+                    )
+                )
+        session.commit()
+    console.print(f"requeued {len(requeued)} message(s)")
 
 
 @app.command()

@@ -48,3 +48,23 @@ class DatabaseSession(Middleware):
 
     def after_skip_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
         self.after_process_message(broker, message, exception=RuntimeError("skipped"))
+
+
+class DeadLetterErrors(Middleware):
+    """Keep the error that killed a message next to its dead letter: the Redis broker parks the body
+    as it was last enqueued, which does not carry the final failure. Must be listed before `Retries`
+    (Dramatiq runs "after" hooks in reverse order), so that it sees whether Retries gave up."""
+
+    def after_process_message(
+        self,
+        broker: dramatiq.Broker,
+        message: dramatiq.Message,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        if exception is None or not getattr(message, "failed", False):
+            return
+        from workers.dead_letters import record_error
+
+        record_error(broker.client, message.queue_name, message.options.get("redis_message_id"), exception)
