@@ -101,3 +101,11 @@ def test_operators_list_and_requeue_dead_letters(worker, broker):
     with get_session_factory()() as session:
         audit = session.scalars(select(AuditEvent).where(AuditEvent.action == "dead_letter.requeue")).one()
     assert (audit.actor, audit.reason, audit.target_id) == ("ana", "bug fixed", message.message_id)
+
+
+def test_errors_of_expired_dead_letters_are_forgotten(broker):
+    from workers.dead_letters import dead_letters, record_error
+
+    record_error(broker.client, "billing", "long-gone-message", RuntimeError("expired a week ago"))
+    assert dead_letters(broker.client, ("billing",)) == []
+    assert broker.client.hlen("dramatiq:billing.XQ.errors") == 0

@@ -54,6 +54,13 @@ def _errors_key(queue: str) -> str:
     return f"{NAMESPACE}:{queue}.XQ.errors"
 
 
+def _forget_expired_errors(client: redis.Redis, queue: str, alive: set[bytes]) -> None:
+    """Dramatiq's maintenance expires dead letters but knows nothing of their recorded errors."""
+    stale = [storage_id for storage_id in client.hkeys(_errors_key(queue)) if storage_id not in alive]
+    if stale:
+        client.hdel(_errors_key(queue), *stale)
+
+
 def record_error(client: redis.Redis, queue: str, storage_id: str | None, error: BaseException) -> None:
     if storage_id:
         client.hset(_errors_key(queue), storage_id, f"{type(error).__name__}: {error}"[:1000])
@@ -64,6 +71,7 @@ def dead_letters(client: redis.Redis, queues: tuple[str, ...] = QUEUES) -> list[
     for queue in queues:
         dead_set, bodies = _keys(queue)
         entries = client.zrange(dead_set, 0, -1, withscores=True)
+        _forget_expired_errors(client, queue, {storage_id for storage_id, _ in entries})
         if not entries:
             continue
         ids = [storage_id for storage_id, _ in entries]
