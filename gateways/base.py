@@ -2,7 +2,8 @@
 
 The error types carry the one distinction that keeps money safe: `Unavailable` means the gateway
 certainly did not process the request (retry freely), `Ambiguous` means it may have (look the
-charge up with `find_charge` before doing anything else). Everything else is a definite answer.
+charge up with `find_charge`, or send the refund again with the same key, before doing anything
+else). Everything else is a definite answer.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from datetime import date
 from typing import Literal, Protocol, runtime_checkable
 
 ChargeStatus = Literal["succeeded", "failed"]
+# A refund the gateway refuses is an error (GatewayRejected), never a stored result: only successes exist.
+RefundStatus = Literal["succeeded"]
 
 # Declines that no retry can fix: the customer must give us another card.
 HARD_DECLINE_CODES: frozenset[str] = frozenset({"invalid_card", "stolen_card", "lost_card", "expired_card"})
@@ -59,6 +62,15 @@ class ChargeResult:
     @property
     def succeeded(self) -> bool:
         return self.status == "succeeded"
+
+
+@dataclass(frozen=True, slots=True)
+class RefundResult:
+    gateway_id: str  # the refund's own id at the gateway
+    charge_gateway_id: str  # the charge it gives money back from
+    amount_cents: int
+    idempotency_key: str
+    status: RefundStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +158,13 @@ class Gateway(Protocol):
 
     def cancel_boleto(self, boleto_ref: str) -> None:
         """Cancel an unpaid boleto; cancelling one already cancelled or expired is a no-op."""
+        ...
+
+    def refund(self, gateway_charge_id: str, amount_cents: int, idempotency_key: str) -> RefundResult:
+        """Refund (part of) a succeeded charge, once per key. Raises Unavailable (not processed:
+        retry), Ambiguous (maybe processed: call again with the same key, which is the lookup),
+        GatewayRejected (e.g. amount above what is left to refund, unknown or failed charge: the
+        same request will never succeed), IdempotencyConflict (key reused with another body)."""
         ...
 
 

@@ -9,7 +9,8 @@ Gateway error bodies look like `{"error": {"type", "code", "message", ...}}`. A 
 before doing anything; any other 5xx is ambiguous. 408, 429 and 401/403 (`AuthenticationFailed`)
 are not processed either. 402 is a decline; 409 "idempotency_error" an `IdempotencyConflict`; any
 other 4xx a `GatewayRejected`. Read-only lookups (`find_charge`) change nothing, so every failure
-there is `Unavailable`.
+there is `Unavailable`. Refunds go through the same mapping, except that no refund can be "declined":
+a 402 there is a `GatewayRejected` like any other refusal.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from gateways.base import (
     GatewayRejected,
     IdempotencyConflict,
     Payer,
+    RefundResult,
     Unavailable,
 )
 
@@ -154,6 +156,16 @@ class HttpGateway:
     def cancel_boleto(self, boleto_ref: str) -> None:
         # Cancelling is idempotent on the gateway, so no key is needed and retrying is always safe.
         self._send("POST", f"/v1/boletos/{quote(boleto_ref, safe='')}/cancel")
+
+    def refund(self, gateway_charge_id: str, amount_cents: int, idempotency_key: str) -> RefundResult:
+        path = f"/v1/charges/{quote(gateway_charge_id, safe='')}/refunds"
+        try:
+            response = self._send("POST", path, json={"amount_cents": amount_cents}, idempotency_key=idempotency_key)
+        except Declined as exc:
+            # The port promises callers of refund no Declined (that is a card issuer's answer to a
+            # charge): a 402 here is the gateway refusing the refund, final like any other refusal.
+            raise GatewayRejected(exc.code, exc.message, 402) from exc
+        return self._parse(_refund_result, response)
 
     # --- concurrency -----------------------------------------------------------------------------
 
@@ -285,4 +297,21 @@ def _boleto_issued(data: dict[str, Any]) -> BoletoIssued:
         digitable_line=str(data["digitable_line"]),
         due_date=date.fromisoformat(data["due_date"]),
         amount_cents=int(data["amount_cents"]),
+    )
+
+
+def _refund_result(data: dict[str, Any]) -> RefundResult:
+    status = data["status"]
+    if status != "succeeded":
+        # Anything else (e.g. a PSP's "pending") is not money known to be back: let the caller reconcile.
+        raise ValueError(f"unknown refund status {status!r}")
+    amount = data["amount_cents"]
+    if not isinstance(amount, int):
+        raise TypeError("amount_cents is not an integer")
+    return RefundResult(
+        gateway_id=str(data["id"]),
+        charge_gateway_id=str(data["charge_id"]),
+        amount_cents=amount,
+        idempotency_key=str(data["idempotency_key"]),
+        status="succeeded",
     )

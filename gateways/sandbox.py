@@ -6,12 +6,15 @@ responses and resumes pending webhook deliveries.
 
 API conventions (shaped like Stripe's):
 - every /v1 and /sandbox route needs `Authorization: Bearer <api_key>`;
-- POST /v1/charges and POST /v1/boletos need an `Idempotency-Key`: the same key with the same body
-  replays the stored response (header `Idempotent-Replayed: true`), with another body → 409
+- POST /v1/charges, POST /v1/charges/{id}/refunds and POST /v1/boletos need an `Idempotency-Key`: the
+  same key with the same body replays the stored response (header `Idempotent-Replayed: true`), with
+  another body (or another charge, for a refund) → 409
   (error type "idempotency_error"). Stored responses are kept 24 h; refusals (400, 503) are never
   stored, so a retry is processed;
 - errors are `{"error": {"type", "code", "message", ...}}`; a 503 with `"processed": false` (type
   "unavailable") promises the request was not processed;
+- a charge can be refunded in parts, never beyond its amount; GET /sandbox/ledger lists each refund as
+  a negative line next to the charge it gives back from;
 - faults per process (`serve` options, POST /sandbox/config) or per request (headers
   `Sandbox-Latency-Ms`, `Sandbox-Timeout-Rate`, `Sandbox-Unavailable-Rate`, `Sandbox-Stall-Ms`).
 """
@@ -181,6 +184,12 @@ class BoletoIn(BaseModel):
         return value
 
 
+class RefundIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    amount_cents: StrictInt = Field(gt=0, le=MAX_CHARGE_CENTS)
+
+
 class PayIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -230,7 +239,23 @@ def _new_id(prefix: str) -> str:
 
 # --- state ----------------------------------------------------------------------------------------
 
-SCHEMA = """
+# Money in is positive, money given back (refunds) negative; `charge_id` ties a charge's lines together.
+LEDGER_TABLE = """
+CREATE TABLE IF NOT EXISTS ledger (
+    entry INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL CHECK (kind IN ('charge', 'boleto_payment', 'refund')),
+    ref TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    amount_cents INTEGER NOT NULL CHECK ((kind = 'refund') = (amount_cents < 0)),
+    card_token TEXT,
+    charge_id TEXT,
+    created REAL NOT NULL,
+    UNIQUE (kind, ref)
+);
+"""
+
+# The ledger is spliced in so that _migrate can rebuild it from the very same definition.
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS idempotency (
     key TEXT PRIMARY KEY,
     fingerprint TEXT NOT NULL,
@@ -276,16 +301,16 @@ CREATE TABLE IF NOT EXISTS boletos (
     created REAL NOT NULL,
     updated REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS ledger (
-    entry INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind TEXT NOT NULL CHECK (kind IN ('charge', 'boleto_payment')),
-    ref TEXT NOT NULL,
-    idempotency_key TEXT NOT NULL,
-    amount_cents INTEGER NOT NULL,
-    card_token TEXT,
-    created REAL NOT NULL,
-    UNIQUE (kind, ref)
+CREATE TABLE IF NOT EXISTS refunds (
+    id TEXT PRIMARY KEY,
+    idempotency_key TEXT NOT NULL UNIQUE,
+    charge_id TEXT NOT NULL REFERENCES charges (id),
+    amount_cents INTEGER NOT NULL CHECK (amount_cents > 0),
+    status TEXT NOT NULL CHECK (status IN ('succeeded')),
+    created REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS refunds_by_charge ON refunds (charge_id);
+{LEDGER_TABLE.strip()}
 CREATE TABLE IF NOT EXISTS webhook_deliveries (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     event_id TEXT NOT NULL UNIQUE,
@@ -304,12 +329,20 @@ CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (status,
 """
 
 
+# Charges are always read with what has been refunded of them so far.
+_SELECT_CHARGE = (
+    "SELECT charges.*, (SELECT COALESCE(SUM(refunds.amount_cents), 0) FROM refunds "
+    "WHERE refunds.charge_id = charges.id) AS amount_refunded_cents FROM charges"
+)
+
+
 def _charge_json(row: sqlite3.Row) -> dict[str, Any]:
     return {
         "id": row["id"],
         "object": "charge",
         "status": row["status"],
         "amount_cents": row["amount_cents"],
+        "amount_refunded_cents": row["amount_refunded_cents"],
         "currency": "BRL",
         "idempotency_key": row["idempotency_key"],
         "card_token": row["card_token"],
@@ -317,6 +350,19 @@ def _charge_json(row: sqlite3.Row) -> dict[str, Any]:
         "failure_code": row["failure_code"],
         "failure_message": row["failure_message"],
         "hard_decline": bool(row["hard_decline"]),
+        "created": int(row["created"]),
+    }
+
+
+def _refund_json(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "object": "refund",
+        "status": row["status"],
+        "charge_id": row["charge_id"],
+        "amount_cents": row["amount_cents"],
+        "currency": "BRL",
+        "idempotency_key": row["idempotency_key"],
         "created": int(row["created"]),
     }
 
@@ -371,8 +417,33 @@ class Store:
         # NORMAL in WAL mode survives a killed process (only an OS crash may lose the last commits).
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._migrate()
         self._lock = threading.Lock()
         self._last_purge = 0.0
+
+    def _migrate(self) -> None:
+        """Bring a state file written before refunds existed up to SCHEMA, keeping every entry.
+
+        CREATE TABLE IF NOT EXISTS leaves an old ledger as it was, and SQLite cannot change a CHECK
+        constraint in place: the table is rebuilt, in one transaction so a kill leaves either form.
+        """
+        row = self._db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'ledger'").fetchone()
+        if "'refund'" in row["sql"]:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("ALTER TABLE ledger RENAME TO ledger_before_refunds")
+            self._db.execute(LEDGER_TABLE)
+            self._db.execute(
+                "INSERT INTO ledger (entry, kind, ref, idempotency_key, amount_cents, card_token, charge_id, created) "
+                "SELECT entry, kind, ref, idempotency_key, amount_cents, card_token, "
+                "CASE WHEN kind = 'charge' THEN ref END, created FROM ledger_before_refunds"
+            )
+            self._db.execute("DROP TABLE ledger_before_refunds")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
@@ -475,15 +546,15 @@ class Store:
                     now,
                 ),
             )
-            charge = _charge_json(db.execute("SELECT * FROM charges WHERE id = ?", (charge_id,)).fetchone())
+            charge = _charge_json(db.execute(f"{_SELECT_CHARGE} WHERE id = ?", (charge_id,)).fetchone())
             if not card.succeeds:
                 assert card.code is not None and card.message is not None
                 body = _error("card_error", card.code, card.message, hard=card.hard, charge=charge)
                 return Reply(402, body, processed=True)
             db.execute(
-                "INSERT INTO ledger (kind, ref, idempotency_key, amount_cents, card_token, created) "
-                "VALUES ('charge', ?, ?, ?, ?, ?)",
-                (charge_id, key, payload.amount_cents, payload.card_token, now),
+                "INSERT INTO ledger (kind, ref, idempotency_key, amount_cents, card_token, charge_id, created) "
+                "VALUES ('charge', ?, ?, ?, ?, ?, ?)",
+                (charge_id, key, payload.amount_cents, payload.card_token, charge_id, now),
             )
             return Reply(200, charge, processed=True, stall=card.stall)
 
@@ -492,8 +563,56 @@ class Store:
     def find_charge(self, *, key: str | None = None, charge_id: str | None = None) -> dict[str, Any] | None:
         column, value = ("idempotency_key", key) if key is not None else ("id", charge_id)
         with self.transaction() as db:
-            row = db.execute(f"SELECT * FROM charges WHERE {column} = ?", (value,)).fetchone()
+            row = db.execute(f"{_SELECT_CHARGE} WHERE {column} = ?", (value,)).fetchone()
         return _charge_json(row) if row else None
+
+    # refunds
+
+    def create_refund(self, key: str, fingerprint: str, charge_id: str, payload: RefundIn) -> Reply:
+        def process(db: sqlite3.Connection, now: float) -> Reply:
+            expired = self._expired_key(db, "refunds", key)
+            if expired is not None:
+                return expired
+            # Refusals below are not stored under the key (like a charge's 400): nothing was processed.
+            charge = db.execute(f"{_SELECT_CHARGE} WHERE id = ?", (charge_id,)).fetchone()
+            if charge is None:
+                return Reply(404, _error("invalid_request_error", "charge_not_found", f"No charge {charge_id!r}."))
+            if charge["status"] != "succeeded":
+                return Reply(
+                    400,
+                    _error(
+                        "invalid_request_error",
+                        "charge_not_refundable",
+                        f"Charge {charge_id!r} did not succeed: there is no money to refund.",
+                    ),
+                )
+            left = charge["amount_cents"] - charge["amount_refunded_cents"]
+            if payload.amount_cents > left:
+                return Reply(
+                    400,
+                    _error(
+                        "invalid_request_error",
+                        "amount_exceeds_refundable",
+                        f"Cannot refund {payload.amount_cents} cents: {left} of the charge's "
+                        f"{charge['amount_cents']} cents are left to refund.",
+                        refundable_cents=left,
+                    ),
+                )
+            refund_id = _new_id("re")
+            db.execute(
+                "INSERT INTO refunds (id, idempotency_key, charge_id, amount_cents, status, created) "
+                "VALUES (?, ?, ?, ?, 'succeeded', ?)",
+                (refund_id, key, charge_id, payload.amount_cents, now),
+            )
+            db.execute(
+                "INSERT INTO ledger (kind, ref, idempotency_key, amount_cents, card_token, charge_id, created) "
+                "VALUES ('refund', ?, ?, ?, ?, ?, ?)",
+                (refund_id, key, -payload.amount_cents, charge["card_token"], charge_id, now),
+            )
+            row = db.execute("SELECT * FROM refunds WHERE id = ?", (refund_id,)).fetchone()
+            return Reply(200, _refund_json(row), processed=True)
+
+        return self.idempotent(key, fingerprint, process)
 
     # boletos
 
@@ -704,6 +823,7 @@ class Store:
                 "idempotency_key": row["idempotency_key"],
                 "amount_cents": row["amount_cents"],
                 "card_token": row["card_token"],
+                "charge_id": row["charge_id"],
                 "created": row["created"],
             }
             for row in rows
@@ -925,6 +1045,20 @@ def create_app(config: SandboxConfig, data_dir: Path, stopping: threading.Event 
             raise ApiError(404, "invalid_request_error", "resource_missing", f"No charge {charge_id!r}.")
         return JSONResponse(charge)
 
+    @v1.post("/charges/{charge_id}/refunds")
+    async def create_refund(
+        charge_id: str,
+        payload: RefundIn,
+        request: Request,
+        key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    ) -> JSONResponse:
+        checked_key = idempotency_key(key)
+        found = await front_door(request)
+        # The path is part of the fingerprint: one key cannot refund two different charges.
+        fingerprint = _fingerprint("POST", f"/v1/charges/{charge_id}/refunds", payload)
+        reply = await run_in_threadpool(store.create_refund, checked_key, fingerprint, charge_id, payload)
+        return await respond(reply, found)
+
     @v1.post("/boletos")
     async def create_boleto(
         payload: BoletoIn,
@@ -974,7 +1108,7 @@ def create_app(config: SandboxConfig, data_dir: Path, stopping: threading.Event 
     @sandbox.get("/ledger")
     async def ledger(
         idempotency_key: str | None = None,
-        kind: Annotated[str | None, Query(pattern="^(charge|boleto_payment)$")] = None,
+        kind: Annotated[str | None, Query(pattern="^(charge|boleto_payment|refund)$")] = None,
     ) -> JSONResponse:
         entries = await run_in_threadpool(lambda: store.ledger(idempotency_key=idempotency_key, kind=kind))
         return JSONResponse({"data": entries})

@@ -17,14 +17,14 @@ from typing import Any
 import dramatiq
 from sqlalchemy import Select, and_, func, literal, select, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 import jobs
 from gateways.base import Gateway
 from jobs import dunning, renewals
 from jobs.context import BillingConfig, current_session, runtime
 from jobs.outbox import send_after_commit
-from jobs.payments import reconcile_charges, unresolved_charge_ids
+from jobs.payments import LIVE_BOLETO, reconcile_charges, unresolved_charge_ids
 from jobs.renewals import Work
 from jobs.retries import STANDARD
 from models.calendar import latest_due_run_date, local_today
@@ -61,6 +61,7 @@ class Task:
 
 # --- scans -----------------------------------------------------------------------------------------
 
+aliased_boleto = aliased(Boleto)
 _billed = and_(Subscription.status != "canceled", Subscription.status != "suspended")
 
 
@@ -84,10 +85,12 @@ def scan_boletos_to_issue(on: date, config: BillingConfig) -> Select[Any]:
         Subscription.current_period_end <= on + timedelta(days=config.boleto_lead_days),
         ~renewal_invoiced,
     )
+    # Open boleto invoices without a live boleto: an interrupted issue, or a replacement (segunda via)
+    # still to issue after the last one expired, was given up or underpaid.
     interrupted_issues = select(Invoice.subscription_id).where(
         Invoice.status == InvoiceStatus.OPEN,
         Invoice.method == PaymentMethod.BOLETO,
-        ~select(Boleto.id).where(Boleto.invoice_id == Invoice.id).exists(),
+        ~select(Boleto.id).where(Boleto.invoice_id == Invoice.id, Boleto.status.in_(LIVE_BOLETO)).exists(),
     )
     return due_renewals.union(interrupted_issues)
 
@@ -104,19 +107,44 @@ def scan_card_retries(on: date, config: BillingConfig) -> Select[Any]:
     return select(Charge.invoice_id).where(Charge.next_retry_on.is_not(None), Charge.next_retry_on <= on).distinct()
 
 
+# Dunning follows an invoice's latest boleto, and its dates the invoice's original due date: a
+# replacement (segunda via) or an expiry never moves them.
+_latest_boleto = (
+    ~select(Boleto.id)
+    .where(Boleto.invoice_id == aliased_boleto.invoice_id, Boleto.sequence > aliased_boleto.sequence)
+    .exists()
+)
+
+
 def scan_boletos_overdue(on: date, config: BillingConfig) -> Select[Any]:
-    return select(Boleto.id).where(Boleto.status == BoletoStatus.ISSUED, Boleto.due_date < on)
+    return (
+        select(aliased_boleto.id)
+        .join(Invoice, Invoice.id == aliased_boleto.invoice_id)
+        .where(
+            aliased_boleto.status.in_([BoletoStatus.ISSUED, BoletoStatus.EXPIRED]),
+            aliased_boleto.overdue_on.is_(None),
+            Invoice.status == InvoiceStatus.OPEN,
+            Invoice.due_date < on,
+            _latest_boleto,
+        )
+    )
 
 
 def keep_overdue(session: Session, ids: list[int], on: date, config: BillingConfig) -> list[int]:
-    due_dates = {
-        row.id: row.due_date for row in session.execute(select(Boleto.id, Boleto.due_date).where(Boleto.id.in_(ids)))
-    }
+    rows = session.execute(
+        select(Boleto.id, Invoice.due_date).join(Invoice, Invoice.id == Boleto.invoice_id).where(Boleto.id.in_(ids))
+    ).all()
+    due_dates = {boleto_id: due_date for boleto_id, due_date in rows}
     return [boleto_id for boleto_id in ids if dunning.overdue_on(due_dates[boleto_id]) <= on]
 
 
 def scan_boleto_suspensions(on: date, config: BillingConfig) -> Select[Any]:
-    return select(Boleto.id).where(Boleto.status == BoletoStatus.OVERDUE, Boleto.due_date < on)
+    return select(aliased_boleto.id).where(
+        aliased_boleto.status.in_([BoletoStatus.OVERDUE, BoletoStatus.EXPIRED]),
+        aliased_boleto.overdue_on.is_not(None),
+        aliased_boleto.overdue_on < on,
+        _latest_boleto,
+    )
 
 
 def keep_suspensions(session: Session, ids: list[int], on: date, config: BillingConfig) -> list[int]:
@@ -175,8 +203,11 @@ def scan_boleto_reminders(on: date, config: BillingConfig) -> Select[Any]:
 
 
 def scan_renewal_notices(on: date, config: BillingConfig) -> Select[Any]:
+    # No notice for a subscription that will not renew: canceled, ending, or suspended. The
+    # `!= 'canceled'` predicate stays as written, so the partial index serves the scan.
     return select(Subscription.id).where(
         Subscription.status != "canceled",
+        Subscription.status != "suspended",
         Subscription.cycle == Cycle.ANNUAL,
         Subscription.cancel_at_period_end.is_(False),
         Subscription.current_period_end > on,
@@ -467,6 +498,16 @@ def _requeue_gateway_events(session: Session, now: datetime) -> int:
     ).all()
     for event_id in ids:
         send_after_commit(session, process_gateway_event, event_id)
+    return len(ids)
+
+
+@stale_work("refunds")
+def _requeue_refunds(session: Session, now: datetime) -> int:
+    from jobs.refunds import process_refund, stale_refund_ids
+
+    ids = stale_refund_ids(session, now)
+    for refund_id in ids:
+        send_after_commit(session, process_refund, refund_id)
     return len(ids)
 
 

@@ -15,6 +15,7 @@ stays `pending`.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -27,13 +28,14 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 import jobs
-from gateways.base import Ambiguous, Gateway, GatewayError, GatewayRejected, Unavailable
+from gateways.base import Gateway, GatewayError
 from jobs.context import BillingConfig, current_session, runtime
 from jobs.contract import (
     BillingCycleChange,
     Cancel,
     CardUpdate,
     PaymentMethodSwitch,
+    ReissueBoleto,
     Resume,
     Subscribe,
     canonical_payload,
@@ -50,11 +52,14 @@ from jobs.invoicing import (
     lock_subscription,
     plan_price,
     void_invoice,
+    void_unused_paid_invoice,
 )
 from jobs.notifications import DECLINE_REASONS, notify
 from jobs.outbox import send_after_commit
 from jobs.payments import (
+    LIVE_BOLETO,
     PreparedCharge,
+    cancel_boleto_at_gateway,
     charge_and_record,
     consequence,
     issue_boleto,
@@ -62,7 +67,8 @@ from jobs.payments import (
     open_charge_attempt,
     prepare,
 )
-from jobs.retries import LATENCY_SENSITIVE, STANDARD
+from jobs.refunds import end_subscription
+from jobs.retries import LATENCY_SENSITIVE
 from models import policy
 from models.calendar import ANNUAL, MONTHLY, add_cycle, format_date_br, local_today, next_business_day
 from models.policy import RuleViolation
@@ -79,6 +85,7 @@ from models.schema import (
     Subscription,
 )
 from models.states import (
+    BoletoStatus,
     ChangeRequestStatus,
     ChargeStatus,
     InvoiceKind,
@@ -97,13 +104,13 @@ QUEUE: Final = "changes"
 
 ORGANIZATION_NOT_FOUND: Final = "organization_not_found"
 SUBSCRIPTION_NOT_FOUND: Final = "subscription_not_found"
-CHANGE_IN_PROGRESS: Final = "change_in_progress"
 ALREADY_SUBSCRIBED: Final = "already_subscribed"
 UNKNOWN_PRODUCT: Final = "unknown_product"
 CARD_EXPIRED: Final = "card_expired"
 DOCUMENT_REQUIRED: Final = "document_required"
 CANCELLATION_ALREADY_SCHEDULED: Final = "cancellation_already_scheduled"
 CANCELLATION_NOT_SCHEDULED: Final = "cancellation_not_scheduled"
+NO_OPEN_BOLETO: Final = "no_open_boleto"
 
 # Every code a request can be rejected with, for the README and the API's documentation.
 ERROR_CODES: Final[dict[str, str]] = {
@@ -116,7 +123,6 @@ ERROR_CODES: Final[dict[str, str]] = {
     ALREADY_SUBSCRIBED: "the organization already has a live subscription of this product",
     policy.SAME_CYCLE: "the subscription is already in that billing cycle",
     policy.OUTSTANDING_INVOICE: "a cycle change while an invoice is past due",
-    CHANGE_IN_PROGRESS: "a charge of this subscription is being processed; try again in a moment",
     policy.BOLETO_REQUIRES_ANNUAL: "boleto asked for a monthly subscription",
     policy.NO_CARD_ON_FILE: "card asked but the organization has no card",
     policy.BOLETO_ALREADY_ISSUED: "boleto → card after the deadline (T − 7 days) or once the renewal's boleto exists",
@@ -126,10 +132,19 @@ ERROR_CODES: Final[dict[str, str]] = {
     policy.PAYMENT_DECLINED: "the immediate card charge was declined; nothing changed",
     CANCELLATION_ALREADY_SCHEDULED: "cancel asked twice",
     CANCELLATION_NOT_SCHEDULED: "resume asked with no cancellation scheduled",
+    NO_OPEN_BOLETO: "segunda via asked but the subscription has no open invoice payable by boleto",
 }
 
 # Ledger kinds that move the subscription's credit balance (`balance_cents` is their running sum).
-CREDIT_KINDS: Final = ("proration_credit", "credit_applied", "credit_restored", "payment_to_credit")
+CREDIT_KINDS: Final = (
+    "proration_credit",
+    "credit_applied",
+    "credit_restored",
+    "payment_to_credit",
+    "unused_period_credit",
+    "refund",
+    "credit_granted",
+)
 
 # The names the notification templates know for each kind ("Solicitação de …").
 _NOTICE_KIND: Final = {
@@ -137,6 +152,7 @@ _NOTICE_KIND: Final = {
     "payment_method": "payment_method_switch",
     "card": "card_update",
     "resume": "undo_cancel",
+    "reissue_boleto": "reissue_boleto",
 }
 
 
@@ -151,6 +167,15 @@ class IdempotencyKeyReused(Exception):
     def __init__(self, existing: ChangeRequest) -> None:
         super().__init__(f"idempotency key already used by change request {existing.id} with another payload")
         self.existing = existing
+
+
+class WaitForCharge(Exception):
+    """A charge of the subscription is unresolved: the request stays `pending` and is processed again
+    (the tick re-enqueues it) once the charge's outcome is known, on the state it leaves."""
+
+    def __init__(self, invoice_id: int) -> None:
+        super().__init__(f"a charge of invoice {invoice_id} is unresolved")
+        self.invoice_id = invoice_id
 
 
 @dataclass(frozen=True)
@@ -306,10 +331,67 @@ def process_request(
     except RuleViolation as violation:
         run = _Run(session, gateway, request, on, now, config)
         run.notices.extend(_reject(session, request, violation, now=now))
+    except WaitForCharge as waiting:
+        logger.info("change request %s waits for the charge of invoice %s", request.id, waiting.invoice_id)
+        session.commit()
+        return request.status
     _send_after_commit(run)
     session.commit()
     _after_commit(run)
     return request.status
+
+
+def preview_change_request(session: Session, params: Any, *, now: datetime, config: BillingConfig) -> dict[str, Any]:
+    """What a validated request would do on today's business date, decided by the very code that
+    processes requests (authorization, rules, pricing), then rolled back: nothing is written, charged,
+    issued or sent. Returns `outcome` (`applied`, `charge`: applied once the card charge now succeeds,
+    `wait`: a charge of the subscription is in flight, or `rejected` with `error`) and the `result`."""
+    on = local_today(now, config.timezone)
+    stored = canonical_payload(params)
+    request = ChangeRequest(
+        organization_id=params.organization_id,
+        subscription_id=params.subscription_id,
+        requested_by=params.requested_by,
+        idempotency_key=f"preview:{secrets.token_hex(16)}",
+        kind=params.kind,
+        payload=stored,
+        payload_hash=payload_hash(stored),
+        source="preview",
+        created_at=now,
+    )
+    try:
+        session.add(request)
+        session.flush()
+        run = _Run(session, None, request, on, now, config)
+        try:
+            _authorize(run, params.requested_by)
+            _HANDLERS[params.kind](run, params)
+        except RuleViolation as violation:
+            return {
+                "outcome": "rejected",
+                "kind": params.kind,
+                "on": on.isoformat(),
+                "error": {"code": violation.code, "message": violation.message, "details": violation.details},
+            }
+        except WaitForCharge:
+            return {
+                "outcome": "wait",
+                "kind": params.kind,
+                "on": on.isoformat(),
+                "message": "Há um pagamento desta assinatura em processamento: a solicitação será processada "
+                "assim que ele for concluído.",
+            }
+        result = dict(request.result or {})
+        result.pop("invoice_id", None)  # the invoice would get another id for real
+        outcome = "charge" if run.charges else "applied"
+        preview: dict[str, Any] = {"outcome": outcome, "kind": params.kind, "on": on.isoformat(), "result": result}
+        if run.charges:
+            preview["charge_now_cents"] = sum(item.request.amount_cents for item in run.charges)
+        if run.boleto_invoices:
+            preview["boleto_issued_now"] = True
+        return preview
+    finally:
+        session.rollback()
 
 
 def _stored_params(request: ChangeRequest) -> Any:
@@ -356,7 +438,7 @@ def _after_commit(run: _Run) -> None:
             _record_retries(session, request.id, run.charges, statuses)
     for invoice_id in run.boleto_invoices:
         try:
-            boleto = issue_boleto(session, run.gateway, invoice_id)
+            boleto = issue_boleto(session, run.gateway, invoice_id, config=run.config)
         except GatewayError:
             # The daily run issues every open boleto invoice that has no boleto yet.
             logger.warning("boleto of invoice %s not issued now; the billing run will issue it", invoice_id)
@@ -433,8 +515,9 @@ def _reject(session: Session, request: ChangeRequest, violation: RuleViolation, 
         if request.requested_by
         else None
     )
-    if requester is None or not requester.email:
-        logger.info("change request %s rejected (%s); the requester has no known e-mail", request.id, violation.code)
+    if requester is None or not requester.email or not requester.active:
+        # Inactive members receive no notices, whatever they asked.
+        logger.info("change request %s rejected (%s); no active requester to tell", request.id, violation.code)
         return []
     subscription = session.get(Subscription, request.subscription_id) if request.subscription_id else None
     notice = notify(
@@ -462,6 +545,7 @@ _LEDGER_DESCRIPTIONS: Final = {
     "card": "Cartão de crédito atualizado",
     "cancel": "Cancelamento agendado",
     "resume": "Cancelamento desfeito",
+    "reissue_boleto": "Segunda via de boleto emitida",
 }
 
 
@@ -496,9 +580,9 @@ def _request_invoice(session: Session, request_id: int) -> Invoice | None:
     return session.scalar(select(Invoice).where(Invoice.change_request_id == request_id))
 
 
-def _ensure_no_charge_in_flight(session: Session, subscription: Subscription) -> None:
+def _wait_for_charges(session: Session, subscription: Subscription) -> None:
     """A charge whose outcome is not known yet (an upgrade, a subscription's first payment, a renewal)
-    would make a second change compute from a state that is about to change."""
+    would make a change compute from a state that is about to change: the request waits for it."""
     in_flight = session.scalar(
         select(Invoice.id)
         .join(Charge, Charge.invoice_id == Invoice.id)
@@ -510,11 +594,7 @@ def _ensure_no_charge_in_flight(session: Session, subscription: Subscription) ->
         .limit(1)
     )
     if in_flight is not None:
-        raise RuleViolation(
-            CHANGE_IN_PROGRESS,
-            "Há um pagamento desta assinatura em processamento. Aguarde alguns minutos e tente novamente.",
-            invoice_id=in_flight,
-        )
+        raise WaitForCharge(in_flight)
 
 
 def _past_due_invoice(session: Session, subscription: Subscription, on: date) -> Invoice | None:
@@ -560,6 +640,22 @@ def _paid_invoice_for_period(session: Session, subscription: Subscription, on: d
     return None
 
 
+def _paid_unstarted_invoices(session: Session, subscription: Subscription, on: date) -> list[Invoice]:
+    """Paid invoices of the subscription whose period starts after D: nothing of them was used yet."""
+    return list(
+        session.scalars(
+            select(Invoice)
+            .where(
+                Invoice.subscription_id == subscription.id,
+                Invoice.status == InvoiceStatus.PAID,
+                Invoice.period_start > on,
+            )
+            .order_by(Invoice.period_start, Invoice.id)
+            .with_for_update()
+        )
+    )
+
+
 def _upcoming_renewal_invoice(session: Session, subscription: Subscription) -> Invoice | None:
     """The renewal invoice of the next period (issued ahead for a boleto), ignoring void ones."""
     return session.scalar(
@@ -591,7 +687,7 @@ def _subscribe(run: _Run, params: Subscribe) -> None:
         select(Organization).where(Organization.id == run.request.organization_id).with_for_update()
     ).one()
     try:
-        price = plan_price(session, params.product, params.cycle)
+        price = plan_price(session, params.product, params.cycle, on)
     except MissingPlan:
         raise RuleViolation(
             UNKNOWN_PRODUCT,
@@ -748,7 +844,7 @@ def _billing_cycle(run: _Run, params: BillingCycleChange) -> None:
     session, on = run.session, run.on
     subscription = _lock_own_subscription(run, params.subscription_id)
     policy.ensure_subscription_open(status=subscription.status)
-    _ensure_no_charge_in_flight(session, subscription)
+    _wait_for_charges(session, subscription)
     past_due = _past_due_invoice(session, subscription, on)
     policy.ensure_cycle_change_allowed(
         from_cycle=subscription.cycle,
@@ -781,9 +877,16 @@ def _billing_cycle(run: _Run, params: BillingCycleChange) -> None:
         if params.to_cycle == MONTHLY
         else []
     )
-    balance = subscription.balance_cents + sum(invoice.discount_cents for invoice in to_void)
+    # A paid invoice for a period that has not started (a renewal boleto paid early, a renewal covered
+    # by credit) is unused in full: it is voided and its whole amount joins the credit.
+    unstarted = _paid_unstarted_invoices(session, subscription, on)
+    balance = (
+        subscription.balance_cents
+        + sum(invoice.discount_cents for invoice in to_void)
+        + sum(invoice.amount_cents for invoice in unstarted)
+    )
     previous = _paid_invoice_for_period(session, subscription, on)
-    monthly_price, annual_price = _prices(session, subscription.product)
+    monthly_price, annual_price = _prices(session, subscription.product, on)
     quote = quote_cycle_change(
         from_cycle=subscription.cycle,
         to_cycle=params.to_cycle,
@@ -822,6 +925,7 @@ def _billing_cycle(run: _Run, params: BillingCycleChange) -> None:
         renewal_date=period_end.isoformat(),
         previous_invoice_id=previous.id if previous else None,
         voided_invoice_ids=[invoice.id for invoice in to_void],
+        unused_paid_invoice_ids=[invoice.id for invoice in unstarted],
     )
     amount_due = price - credit_used
     boleto = method == PaymentMethod.BOLETO
@@ -855,9 +959,9 @@ def _billing_cycle(run: _Run, params: BillingCycleChange) -> None:
         run.boleto_invoices.append(invoice.id)
 
 
-def _prices(session: Session, product: str) -> tuple[int, int]:
+def _prices(session: Session, product: str, on: date) -> tuple[int, int]:
     try:
-        return plan_price(session, product, MONTHLY), plan_price(session, product, ANNUAL)
+        return plan_price(session, product, MONTHLY, on), plan_price(session, product, ANNUAL, on)
     except MissingPlan:
         raise RuleViolation(
             UNKNOWN_PRODUCT,
@@ -891,6 +995,16 @@ def _apply_cycle_change(
             _void(run, subscription, voided, "Crédito devolvido: boleto cancelado pela alteração de ciclo")
         else:
             logger.warning("invoice %s changed state while change request %s was charged", voided_id, request.id)
+    for unused_id in result.get("unused_paid_invoice_ids", []):
+        unused = session.get_one(Invoice, unused_id)
+        if not void_unused_paid_invoice(
+            session,
+            subscription,
+            unused,
+            description="Período pago não iniciado devolvido como crédito pela alteração de ciclo",
+            change_request_id=request.id,
+        ):
+            logger.warning("invoice %s changed state while change request %s was charged", unused_id, request.id)
 
     paid, unused = result["paid_cents"], result["unused_cents"]
     previous_id = result["previous_invoice_id"]
@@ -1119,6 +1233,10 @@ def _cancel(run: _Run, params: Cancel) -> None:
     session = run.session
     subscription = _lock_own_subscription(run, params.subscription_id)
     policy.ensure_subscription_open(status=subscription.status)
+    _wait_for_charges(session, subscription)
+    if subscription.status == SubscriptionStatus.SUSPENDED:
+        _end_now(run, subscription)
+        return
     renewal = subscription.current_period_end
     if subscription.cancel_at_period_end:
         raise RuleViolation(
@@ -1146,6 +1264,32 @@ def _cancel(run: _Run, params: Cancel) -> None:
         {"ends_on": ends_on.isoformat(), "cancel_at_period_end": True, "voided_invoice_ids": voided},
         ledger_on=[subscription],
         details={"ends_on": ends_on.isoformat()},
+    )
+
+
+def _end_now(run: _Run, subscription: Subscription) -> None:
+    """A suspended subscription gives no service to wait for: it ends on D, owing nothing for the
+    service it never had, and what it holds is refunded."""
+    run.boletos_to_cancel.extend(end_subscription(run.session, subscription, ended_on=run.on, now=run.now))
+    _apply(
+        run,
+        {
+            "ends_on": run.on.isoformat(),
+            "status": subscription.status,
+            "refunded_cents": _refunded_now(run, subscription),
+        },
+        ledger_on=[subscription],
+        details={"ends_on": run.on.isoformat(), "while": "suspended"},
+    )
+
+
+def _refunded_now(run: _Run, subscription: Subscription) -> int:
+    return -sum(
+        run.session.scalars(
+            select(LedgerEntry.amount_cents).where(
+                LedgerEntry.subscription_id == subscription.id, LedgerEntry.kind == "refund"
+            )
+        )
     )
 
 
@@ -1214,6 +1358,53 @@ def _reissue_renewal_boleto(run: _Run, subscription: Subscription) -> int | None
     return invoice.id
 
 
+# --- segunda via --------------------------------------------------------------------------------
+
+
+def _reissue_boleto(run: _Run, params: ReissueBoleto) -> None:
+    """A member asks for a new boleto ("segunda via") for the subscription's open boleto invoice: the
+    current one is cancelled and a replacement, due D + BOLETO_DUE_DAYS, is issued after commit. Dunning
+    keeps the invoice's original dates."""
+    session = run.session
+    subscription = _lock_own_subscription(run, params.subscription_id)
+    policy.ensure_subscription_open(status=subscription.status)
+    invoice = session.scalar(
+        select(Invoice)
+        .where(
+            Invoice.subscription_id == subscription.id,
+            Invoice.status == InvoiceStatus.OPEN,
+            Invoice.method == PaymentMethod.BOLETO,
+        )
+        .order_by(Invoice.due_date, Invoice.id)
+        .limit(1)
+        .with_for_update()
+    )
+    if invoice is None:
+        raise RuleViolation(
+            NO_OPEN_BOLETO,
+            "Esta assinatura não tem boleto em aberto: não há segunda via a emitir.",
+            subscription_id=subscription.id,
+        )
+    replaced = session.scalar(
+        select(Boleto).where(Boleto.invoice_id == invoice.id, Boleto.status.in_(LIVE_BOLETO)).with_for_update()
+    )
+    if replaced is not None:
+        replaced.status = BoletoStatus.CANCELED
+        replaced.replaced_on = run.on
+        run.boletos_to_cancel.append(replaced.gateway_id)
+    run.boleto_invoices.append(invoice.id)
+    _apply(
+        run,
+        {
+            "invoice_id": invoice.id,
+            "replaced_boleto_id": replaced.id if replaced else None,
+            "due_date": (run.on + timedelta(days=run.config.boleto_due_days)).isoformat(),
+        },
+        ledger_on=[subscription],
+        details={"invoice_id": invoice.id},
+    )
+
+
 _HANDLERS: Final[dict[str, Callable[[_Run, Any], None]]] = {
     "subscribe": _subscribe,
     "billing_cycle": _billing_cycle,
@@ -1221,6 +1412,7 @@ _HANDLERS: Final[dict[str, Callable[[_Run, Any], None]]] = {
     "card": _replace_card,
     "cancel": _cancel,
     "resume": _resume,
+    "reissue_boleto": _reissue_boleto,
 }
 
 
@@ -1277,22 +1469,3 @@ def process_change_request(change_request_id: int) -> None:
         now=datetime.now(UTC),
         config=context.config,
     )
-
-
-def cancel_boleto_at(gateway: Gateway, gateway_id: str) -> str:
-    """Cancel at the gateway a boleto already marked canceled here; safe to repeat."""
-    try:
-        gateway.cancel_boleto(gateway_id)
-    except Ambiguous as exc:
-        # Cancelling is idempotent at the gateway, so an unknown outcome is simply asked again.
-        raise Unavailable(f"boleto {gateway_id}: cancel outcome unknown: {exc}") from exc
-    except GatewayRejected as exc:
-        # Typically paid in the meantime: the payment webhook turns it into credit.
-        logger.warning("boleto %s not canceled at the gateway: %s", gateway_id, exc)
-        return exc.code
-    return "canceled"
-
-
-@dramatiq.actor(queue_name="payments", **STANDARD)
-def cancel_boleto_at_gateway(gateway_id: str) -> None:
-    cancel_boleto_at(runtime().gateway_factory(), gateway_id)

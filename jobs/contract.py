@@ -16,7 +16,7 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, TypeAdapter, field_validator
 
-KINDS: Final = ("subscribe", "billing_cycle", "payment_method", "card", "cancel", "resume")
+KINDS: Final = ("subscribe", "billing_cycle", "payment_method", "card", "cancel", "resume", "reissue_boleto")
 
 PositiveId = Annotated[StrictInt, Field(gt=0, le=2**63 - 1)]
 IdempotencyKey = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255)]
@@ -113,14 +113,21 @@ class Resume(_OnSubscription):
     kind: Literal["resume"]
 
 
+class ReissueBoleto(_OnSubscription):
+    """A segunda via: a new boleto for the subscription's open boleto invoice, due in BOLETO_DUE_DAYS
+    (the current one is cancelled; overdue and suspension dates stay those of the original due date)."""
+
+    kind: Literal["reissue_boleto"]
+
+
 ChangeRequestIn = Annotated[
-    Subscribe | BillingCycleChange | PaymentMethodSwitch | CardUpdate | Cancel | Resume,
+    Subscribe | BillingCycleChange | PaymentMethodSwitch | CardUpdate | Cancel | Resume | ReissueBoleto,
     Field(discriminator="kind"),
 ]
 CHANGE_REQUEST: Final[TypeAdapter[Any]] = TypeAdapter(ChangeRequestIn)
 
 
-AnyChangeRequest = Subscribe | BillingCycleChange | PaymentMethodSwitch | CardUpdate | Cancel | Resume
+AnyChangeRequest = Subscribe | BillingCycleChange | PaymentMethodSwitch | CardUpdate | Cancel | Resume | ReissueBoleto
 
 
 def parse_change_request(payload: Any) -> AnyChangeRequest:

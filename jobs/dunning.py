@@ -27,14 +27,19 @@ def suspend_on(overdue_day: date, grace_business_days: int) -> date:
 
 
 def mark_boleto_overdue(session: Session, boleto_id: int, work: Work) -> None:
+    """The invoice's boleto (or the expired one awaiting its segunda via) is past its payment day,
+    counted from the invoice's original due date."""
     boleto = session.scalar(select(Boleto).where(Boleto.id == boleto_id).with_for_update())
-    if boleto is None or boleto.status != BoletoStatus.ISSUED or overdue_on(boleto.due_date) > work.on:
+    if boleto is None or boleto.status not in (BoletoStatus.ISSUED, BoletoStatus.EXPIRED) or boleto.overdue_on:
         return
     invoice = session.get_one(Invoice, boleto.invoice_id)
+    if overdue_on(invoice.due_date) > work.on:
+        return
     subscription = lock_subscription(session, invoice.subscription_id)
     assert subscription is not None
-    boleto.status = BoletoStatus.OVERDUE
-    boleto.overdue_on = overdue_on(boleto.due_date)
+    if boleto.status == BoletoStatus.ISSUED:
+        boleto.status = BoletoStatus.OVERDUE
+    boleto.overdue_on = overdue_on(invoice.due_date)
     if invoice.status == InvoiceStatus.OPEN and subscription.status == SubscriptionStatus.ACTIVE:
         subscription.status = SubscriptionStatus.PAST_DUE
     if invoice.status == InvoiceStatus.OPEN:
@@ -46,9 +51,9 @@ def mark_boleto_overdue(session: Session, boleto_id: int, work: Work) -> None:
             dedupe_key=f"boleto_overdue:{boleto.id}",
             context={
                 "invoice_id": invoice.id,
-                "amount_cents": boleto.amount_cents,
-                "due_date": boleto.due_date.isoformat(),
-                "digitable_line": boleto.digitable_line,
+                "amount_cents": invoice.total_cents,
+                "due_date": invoice.due_date.isoformat(),
+                "digitable_line": boleto.digitable_line if boleto.status == BoletoStatus.OVERDUE else "",
                 "suspend_on": suspend_on(boleto.overdue_on, work.config.boleto_grace_business_days).isoformat(),
             },
         )
@@ -59,7 +64,7 @@ def suspend_for_boleto(session: Session, boleto_id: int, work: Work) -> None:
     boleto = session.scalar(select(Boleto).where(Boleto.id == boleto_id).with_for_update())
     if (
         boleto is None
-        or boleto.status != BoletoStatus.OVERDUE
+        or boleto.status not in (BoletoStatus.OVERDUE, BoletoStatus.EXPIRED)
         or boleto.overdue_on is None
         or suspend_on(boleto.overdue_on, work.config.boleto_grace_business_days) > work.on
     ):

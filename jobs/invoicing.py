@@ -25,15 +25,23 @@ class MissingPlan(LookupError):
     """No price for a product and billing cycle."""
 
 
-def plan_price(session: Session, product: str, cycle: str) -> int:
-    """The plan's price, read once per session (a message's unit of work) rather than per row."""
-    prices: dict[tuple[str, str], int] = session.info.setdefault("plan_prices", {})
-    if (product, cycle) not in prices:
-        price = session.scalar(select(Plan.price_cents).where(Plan.product == product, Plan.cycle == cycle))
-        if price is None:
-            raise MissingPlan(f"no {cycle} price for product {product!r}")
-        prices[product, cycle] = price
-    return prices[product, cycle]
+def plan_price(session: Session, product: str, cycle: str, on: date) -> int:
+    """The plan's price in force on `on` (a renewal's T, a change's D). The price list is read once
+    per session (a message's unit of work) rather than per row."""
+    schedules: dict[tuple[str, str], list[tuple[date, int]]] = session.info.setdefault("plan_prices", {})
+    if (product, cycle) not in schedules:
+        schedules[product, cycle] = [
+            (row.effective_from, row.price_cents)
+            for row in session.execute(
+                select(Plan.effective_from, Plan.price_cents)
+                .where(Plan.product == product, Plan.cycle == cycle)
+                .order_by(Plan.effective_from.desc())
+            )
+        ]
+    for effective_from, price in schedules[product, cycle]:
+        if effective_from <= on:
+            return price
+    raise MissingPlan(f"no {cycle} price for product {product!r} on {on.isoformat()}")
 
 
 def lock_subscription(session: Session, subscription_id: int) -> Subscription | None:
@@ -78,7 +86,7 @@ def create_renewal_invoice(
     The credit balance is discounted from it (DESIGN: amount = price − credit balance).
     """
     period_end = next_period_end(subscription, period_start)
-    price = plan_price(session, subscription.product, subscription.cycle)
+    price = plan_price(session, subscription.product, subscription.cycle, period_start)
     discount = min(subscription.balance_cents, price)
     invoice_id = session.scalar(
         insert(Invoice)
@@ -108,6 +116,19 @@ def create_renewal_invoice(
         subscription.balance_cents -= discount
         ledger(session, subscription, "credit_applied", -discount, CREDIT_APPLIED, invoice_id=invoice.id)
     return invoice
+
+
+def apply_credit(
+    session: Session, subscription: Subscription, invoice: Invoice, amount_cents: int, *, description: str
+) -> None:
+    """Move `amount_cents` of the balance onto an open invoice as a discount (ledger `credit_applied`)."""
+    amount = min(amount_cents, subscription.balance_cents, invoice.total_cents)
+    if amount <= 0:
+        return
+    invoice.discount_cents += amount
+    invoice.total_cents -= amount
+    subscription.balance_cents -= amount
+    ledger(session, subscription, "credit_applied", -amount, description, invoice_id=invoice.id)
 
 
 def renewal_invoice(session: Session, subscription_id: int, period_start: date) -> Invoice | None:
@@ -141,9 +162,9 @@ def mark_invoice_paid(
 ) -> bool:
     """Record a payment of an open invoice and its consequences; False when it was not open.
 
-    A past-due or suspended subscription becomes active; when the period the invoice covered has
-    already ended while it was suspended, the payment starts a fresh period on the payment date
-    (the customer never pays for time they were suspended).
+    A past-due or suspended subscription becomes active. From `suspended` the paid invoice covers
+    `[paid_on, add_cycle(paid_on, cycle, 1))` and the payment date becomes the anchor (the customer
+    never pays for time they were suspended); from `past_due` (service never stopped) the period stays.
     """
     if invoice.status != InvoiceStatus.OPEN:
         return False
@@ -158,8 +179,9 @@ def mark_invoice_paid(
     if subscription.status in (SubscriptionStatus.PAST_DUE, SubscriptionStatus.SUSPENDED) and not has_other_past_due(
         session, subscription.id, invoice.id, paid_on
     ):
-        was_suspended = subscription.status == SubscriptionStatus.SUSPENDED
-        if was_suspended and invoice.kind == InvoiceKind.RENEWAL and invoice.period_end <= paid_on:
+        if subscription.status == SubscriptionStatus.SUSPENDED:
+            # Service stopped while suspended: whatever the invoice's kind, and even if its period has
+            # not ended, the paid period starts on the payment date (the suspension notice promises it).
             restart_period_on_payment(subscription, invoice, paid_on)
         subscription.status = SubscriptionStatus.ACTIVE
         subscription.suspended_at = None
@@ -197,7 +219,7 @@ def mark_invoice_paid(
 
 
 def restart_period_on_payment(subscription: Subscription, invoice: Invoice, paid_on: date) -> None:
-    new_end = add_cycle(paid_on, subscription.cycle, 1)
+    new_end = add_cycle(paid_on, invoice.cycle, 1)
     invoice.period_start, invoice.period_end = paid_on, new_end
     subscription.billing_anchor = paid_on
     subscription.current_period_start, subscription.current_period_end = paid_on, new_end
@@ -218,6 +240,33 @@ def has_other_past_due(session: Session, subscription_id: int, invoice_id: int, 
         )
         is not None
     )
+
+
+def void_unused_paid_invoice(
+    session: Session,
+    subscription: Subscription,
+    invoice: Invoice,
+    *,
+    description: str,
+    change_request_id: int | None = None,
+) -> int:
+    """Void a paid invoice whose period has not started (a renewal boleto paid between T − 7 and T, a
+    renewal covered by credit): it was not used at all, so its whole amount — money and credit —
+    joins the balance (ledger `unused_period_credit`). Returns that amount (0 if it was not paid)."""
+    if invoice.status != InvoiceStatus.PAID:
+        return 0
+    invoice.status = InvoiceStatus.VOID
+    subscription.balance_cents += invoice.amount_cents
+    ledger(
+        session,
+        subscription,
+        "unused_period_credit",
+        invoice.amount_cents,
+        description,
+        invoice_id=invoice.id,
+        change_request_id=change_request_id,
+    )
+    return invoice.amount_cents
 
 
 def void_invoice(

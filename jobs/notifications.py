@@ -80,8 +80,32 @@ CONTEXT_KEYS: Final[dict[str, tuple[str, ...]]] = {
     "cancellation_scheduled": ("ends_on",),
     "subscription_canceled": ("ended_on",),
     "cancellation_undone": ("renewal_date",),
+    "refund_created": ("subscription_id", "amount_cents", "method"),
 }
 KINDS: Final[tuple[str, ...]] = tuple(CONTEXT_KEYS)
+
+# What a boleto pays (boleto_issued `purpose`); notices written before the key existed were renewals.
+BOLETO_PURPOSES: Final = ("renewal", "subscribe", "cycle_change", "reissue")
+# How a refund reaches the customer (refund_created `method`): a card refund (estorno) through the
+# gateway, or a bank transfer for money that came by boleto.
+REFUND_METHODS: Final = ("card", "payout")
+
+# Optional context keys and the value templates see when a key is missing or null.
+OPTIONAL_KEYS: Final[dict[str, dict[str, Any]]] = {
+    "boleto_issued": {"purpose": "renewal"},
+    # The open invoice's live boleto (none for a card invoice: the notice explains the card update).
+    "subscription_suspended": {"digitable_line": None, "boleto_due_date": None},
+    # Boleto renewals: the last day to move the renewal to card (T − lead − 1), while it is still ahead.
+    "renewal_notice": {"switch_to_card_until": None, "boleto_lead_days": None},
+    "payment_method_switch_scheduled": {"card_last4": None},
+    "subscription_canceled": {"voided_invoice_ids": None, "credit_cents": None},
+    "refund_created": {"card_last4": None},
+}
+# Values a key may take, where the templates word each one differently.
+ALLOWED_VALUES: Final[dict[str, dict[str, tuple[str, ...]]]] = {
+    "boleto_issued": {"purpose": BOLETO_PURPOSES},
+    "refund_created": {"method": REFUND_METHODS},
+}
 
 # Required keys that may hold null (e.g. no retry left, a receipt covered by credit without a card).
 NULLABLE_KEYS: Final[dict[str, frozenset[str]]] = {
@@ -98,9 +122,8 @@ QUOTE_KEYS: Final = (
     "new_period_end",
     "balance_after_cents",
 )
-# Optional keys the templates use when present: cycle_changed quote.months / quote.extra_days
-# (annual → monthly), subscription_suspended digitable_line, renewal_notice switch_deadline (the last
-# day to move a boleto renewal to card), payment_method_switch_scheduled card_last4.
+# Optional quote keys the cycle_changed template uses when present: quote.months / quote.extra_days
+# (annual → monthly). Other kinds' optional keys are in OPTIONAL_KEYS.
 
 NO_RECIPIENTS: Final = "sem destinatários"
 _MAX_ERROR_LENGTH: Final = 1000
@@ -117,6 +140,14 @@ def _missing_keys(kind: str, context: Mapping[str, Any]) -> list[str]:
     return missing
 
 
+def _unexpected_values(kind: str, context: Mapping[str, Any]) -> list[str]:
+    return [
+        f"{key}={context[key]!r} (expected one of {', '.join(allowed)})"
+        for key, allowed in ALLOWED_VALUES.get(kind, {}).items()
+        if context.get(key) is not None and context[key] not in allowed
+    ]
+
+
 def validate_context(kind: str, context: Mapping[str, Any]) -> dict[str, Any]:
     """The context as stored (dates as ISO strings), or ValueError naming what is wrong with it.
 
@@ -129,6 +160,9 @@ def validate_context(kind: str, context: Mapping[str, Any]) -> dict[str, Any]:
     missing = _missing_keys(kind, stored)
     if missing:
         raise ValueError(f"{kind}: missing context keys: {', '.join(missing)}")
+    unexpected = _unexpected_values(kind, stored)
+    if unexpected:
+        raise ValueError(f"{kind}: unexpected context values: {'; '.join(unexpected)}")
     try:
         render(Notification(kind=kind, context=stored, recipients=[]), "Organização")
     except (jinja2.TemplateError, TypeError, ValueError, AttributeError, KeyError) as exc:
@@ -272,6 +306,7 @@ REQUEST_NAMES: Final = {
     "cancel": "cancelamento da assinatura",
     "undo_cancel": "reversão do cancelamento da assinatura",
     "undo_cancellation": "reversão do cancelamento da assinatura",
+    "reissue_boleto": "segunda via do boleto",
 }
 
 
@@ -357,6 +392,11 @@ def render(notification: Notification, organization_name: str) -> RenderedEmail:
     template = environment.get_template(f"{notification.kind}.txt")
     variables = {
         **notification.context,
+        **{
+            key: default
+            for key, default in OPTIONAL_KEYS.get(notification.kind, {}).items()
+            if notification.context.get(key) is None
+        },
         "organization_name": organization_name,
         # Explicit recipients (e.g. who made a request) are not necessarily billing contacts.
         "billing_contacts": not notification.recipients,

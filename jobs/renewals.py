@@ -23,11 +23,12 @@ from jobs.invoicing import (
     next_period_end,
     plan_price,
     renewal_invoice,
-    void_invoice,
 )
 from jobs.notifications import notify
 from jobs.payments import (
+    LIVE_BOLETO,
     PreparedCharge,
+    cancel_boleto_at_gateway,
     charge_and_record,
     idempotency_key,
     issue_boleto,
@@ -35,6 +36,7 @@ from jobs.payments import (
     open_charge_attempt,
     prepare,
 )
+from jobs.refunds import end_subscription
 from models.policy import late_boleto_due_date
 from models.schema import Boleto, Card, Charge, Invoice, LedgerEntry, Subscription
 from models.states import (
@@ -105,7 +107,7 @@ def queue_missing_boletos(session: Session, subscription_id: int, work: Work) ->
             Invoice.subscription_id == subscription_id,
             Invoice.status == InvoiceStatus.OPEN,
             Invoice.method == PaymentMethod.BOLETO,
-            ~select(Boleto.id).where(Boleto.invoice_id == Invoice.id).exists(),
+            ~select(Boleto.id).where(Boleto.invoice_id == Invoice.id, Boleto.status.in_(LIVE_BOLETO)).exists(),
         )
     ).all()
     work.boleto_invoices.extend(missing)
@@ -122,11 +124,15 @@ def renew(session: Session, subscription_id: int, work: Work) -> None:
     if subscription.status == SubscriptionStatus.CANCELED:
         return
     if subscription.cancel_at_period_end:
-        end_subscription(session, subscription, work)
+        # Never end while a charge of the subscription is unresolved: its money must find its invoice.
+        if not charge_in_flight(session, subscription.id):
+            boletos = end_subscription(session, subscription, ended_on=subscription.current_period_end, now=work.now)
+            work.boletos_to_cancel.extend(boletos)
+            work.done += 1
         return
     if subscription.status == SubscriptionStatus.SUSPENDED:
         return  # not renewed while its outstanding invoice is unpaid
-    if change_charge_in_flight(session, subscription.id):
+    if charge_in_flight(session, subscription.id, changes_only=True):
         return  # a cycle change is being charged: renew after it resolves, on the period it leaves
 
     renewal = subscription.current_period_end
@@ -219,7 +225,7 @@ def renew_many(session: Session, subscription_ids: Sequence[int], work: Work) ->
     )
     plain, invoices = {}, []
     for row in rows:
-        price = plan_price(session, row.product, row.cycle)
+        price = plan_price(session, row.product, row.cycle, row.current_period_end)
         discount = min(row.balance_cents, price)
         if (
             row.current_period_end > work.on
@@ -318,22 +324,21 @@ def renew_many(session: Session, subscription_ids: Sequence[int], work: Work) ->
     return [subscription_id for subscription_id in subscription_ids if subscription_id not in renewed]
 
 
-def change_charge_in_flight(session: Session, subscription_id: int) -> bool:
-    """An open change-request invoice (cycle change, subscribe) whose charge is not resolved yet."""
-    return (
-        session.scalar(
-            select(Charge.id)
-            .join(Invoice, Invoice.id == Charge.invoice_id)
-            .where(
-                Invoice.subscription_id == subscription_id,
-                Invoice.kind != "renewal",
-                Invoice.status == InvoiceStatus.OPEN,
-                Charge.status.in_([ChargeStatus.PENDING, ChargeStatus.UNKNOWN]),
-            )
-            .limit(1)
+def charge_in_flight(session: Session, subscription_id: int, *, changes_only: bool = False) -> bool:
+    """A charge of the subscription whose outcome is not known yet (of a change-request invoice —
+    cycle change, subscribe — only, with `changes_only`)."""
+    query = (
+        select(Charge.id)
+        .join(Invoice, Invoice.id == Charge.invoice_id)
+        .where(
+            Invoice.subscription_id == subscription_id,
+            Charge.status.in_([ChargeStatus.PENDING, ChargeStatus.UNKNOWN]),
         )
-        is not None
+        .limit(1)
     )
+    if changes_only:
+        query = query.where(Invoice.kind != "renewal", Invoice.status == InvoiceStatus.OPEN)
+    return session.scalar(query) is not None
 
 
 def no_card_on_file(session: Session, subscription: Subscription, invoice: Invoice) -> None:
@@ -351,27 +356,6 @@ def no_card_on_file(session: Session, subscription: Subscription, invoice: Invoi
         next_retry_on=None,
         card_last4="",
     )
-
-
-def end_subscription(session: Session, subscription: Subscription, work: Work) -> None:
-    """`cancel_at_period_end` reached T: canceled, nothing charged; an early boleto is voided."""
-    subscription.status = SubscriptionStatus.CANCELED
-    subscription.canceled_at = work.now
-    subscription.pending_payment_method = None
-    upcoming = renewal_invoice(session, subscription.id, subscription.current_period_end)
-    if upcoming is not None:
-        boleto = void_invoice(session, subscription, upcoming, description="Crédito devolvido: assinatura encerrada")
-        if boleto is not None:
-            work.boletos_to_cancel.append(boleto)
-    notify(
-        session,
-        organization_id=subscription.organization_id,
-        subscription_id=subscription.id,
-        kind="subscription_canceled",
-        dedupe_key=f"subscription_canceled:{subscription.id}",
-        context={"ended_on": subscription.current_period_end.isoformat()},
-    )
-    work.done += 1
 
 
 # --- T + n: card retries ---------------------------------------------------------------------------
@@ -434,30 +418,42 @@ def send_boleto_reminder(session: Session, boleto_id: int, work: Work) -> None:
 
 
 def send_renewal_notice(session: Session, subscription_id: int, work: Work) -> None:
+    """The notice 30 days before an annual renewal; none for a subscription that will not renew
+    (canceled, cancelled at period end, or suspended: no new invoice while one is unpaid)."""
+    from models.policy import boleto_switch_deadline
+
     subscription = session.get(Subscription, subscription_id)
     if (
         subscription is None
         or subscription.cycle != Cycle.ANNUAL
-        or subscription.status == SubscriptionStatus.CANCELED
+        or subscription.status in (SubscriptionStatus.CANCELED, SubscriptionStatus.SUSPENDED)
         or subscription.cancel_at_period_end
     ):
         return
     renewal = subscription.current_period_end
     if not work.on < renewal <= work.on + timedelta(days=RENEWAL_NOTICE_DAYS):
         return
-    price = plan_price(session, subscription.product, subscription.cycle)
+    price = plan_price(session, subscription.product, subscription.cycle, renewal)
+    context = {
+        "renewal_date": renewal.isoformat(),
+        "amount_cents": price - min(price, subscription.balance_cents),
+        "cycle": subscription.cycle,
+        "payment_method": subscription.effective_payment_method,
+    }
+    if subscription.effective_payment_method == PaymentMethod.BOLETO:
+        lead_days = work.config.boleto_lead_days
+        context["boleto_lead_days"] = lead_days
+        # Boleto → card is accepted while today < T − lead days: T − lead − 1 is the last day.
+        deadline = boleto_switch_deadline(renewal, lead_days)
+        if work.on <= deadline:
+            context["switch_to_card_until"] = deadline.isoformat()
     created = notify(
         session,
         organization_id=subscription.organization_id,
         subscription_id=subscription.id,
         kind="renewal_notice",
         dedupe_key=f"renewal_notice:{subscription.id}:{renewal.isoformat()}",
-        context={
-            "renewal_date": renewal.isoformat(),
-            "amount_cents": price - min(price, subscription.balance_cents),
-            "cycle": subscription.cycle,
-            "payment_method": subscription.effective_payment_method,
-        },
+        context=context,
     )
     work.done += created is not None
 
@@ -472,7 +468,7 @@ def settle_gateway_work(session: Session, work: Work) -> dict[int, str]:
     for invoice_id in dict.fromkeys(work.boleto_invoices):
         # One boleto's failure never keeps its neighbours from being issued.
         try:
-            issue_boleto(session, work.gateway, invoice_id)
+            issue_boleto(session, work.gateway, invoice_id, config=work.config)
         except GatewayRejected as exc:
             session.rollback()
             logger.error("the gateway refused the boleto of invoice %s: %s", invoice_id, exc)
@@ -481,10 +477,8 @@ def settle_gateway_work(session: Session, work: Work) -> dict[int, str]:
             retry_later = Unavailable(f"boleto of invoice {invoice_id}: {exc}")
     work.boleto_invoices.clear()
     for gateway_id in work.boletos_to_cancel:
-        try:
-            work.gateway.cancel_boleto(gateway_id)
-        except GatewayError:
-            logger.warning("boleto %s voided here but not cancelled at the gateway; it expires unpaid", gateway_id)
+        # Its own message, retried until the gateway confirms (a paid-meanwhile boleto becomes credit).
+        cancel_boleto_at_gateway.send(gateway_id)
     work.boletos_to_cancel.clear()
     if retry_later is not None:
         raise retry_later  # the message is retried; what was done is not redone

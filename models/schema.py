@@ -29,6 +29,8 @@ from models.states import (
     InvoiceStatus,
     NotificationStatus,
     PaymentMethod,
+    RefundMethod,
+    RefundStatus,
     Role,
     SubscriptionStatus,
     sql_in,
@@ -85,9 +87,12 @@ class Card(Timestamped, Base):
 
 
 class Plan(Base):
+    """A product's price for one billing cycle from a date on: the price in force on a date is the
+    row with the latest `effective_from` on or before it (a change applies from each renewal after)."""
+
     __tablename__ = "plans"
     __table_args__ = (
-        UniqueConstraint("product", "cycle"),
+        UniqueConstraint("product", "cycle", "effective_from"),
         CheckConstraint(f"cycle IN {sql_in(Cycle)}", name="cycle"),
         CheckConstraint("price_cents >= 0", name="price_not_negative"),
     )
@@ -97,6 +102,8 @@ class Plan(Base):
     cycle: Mapped[str] = mapped_column(String(16))
     price_cents: Mapped[int]
     currency: Mapped[str] = mapped_column(String(3), server_default="BRL")
+    effective_from: Mapped[date] = mapped_column(server_default=text("'2000-01-01'"))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
 
 class Subscription(Timestamped, Base):
@@ -199,7 +206,8 @@ class Invoice(Timestamped, Base):
 
     subscription: Mapped[Subscription] = relationship()
     charges: Mapped[list[Charge]] = relationship(back_populates="invoice", order_by="Charge.attempt")
-    boleto: Mapped[Boleto | None] = relationship(back_populates="invoice")
+    # Every boleto issued for the invoice, a replacement ("segunda via") after the one it replaced.
+    boletos: Mapped[list[Boleto]] = relationship(back_populates="invoice", order_by="Boleto.sequence")
 
 
 class Charge(Timestamped, Base):
@@ -243,9 +251,25 @@ class Charge(Timestamped, Base):
 
 
 class Boleto(Timestamped, Base):
+    """A boleto issued for an invoice. An invoice has one live boleto at a time; a replacement
+    ("segunda via") is a new row with the next `sequence`, the one it replaces being cancelled."""
+
     __tablename__ = "boletos"
     __table_args__ = (
         CheckConstraint(f"status IN {sql_in(BoletoStatus)}", name="status"),
+        UniqueConstraint("invoice_id", "sequence"),
+        # The overdue scan: boletos not yet counted overdue (an expired one awaiting its segunda via too).
+        Index(
+            "ix_boletos_awaiting_overdue",
+            "invoice_id",
+            postgresql_where=text("status IN ('issued', 'expired') AND overdue_on IS NULL"),
+        ),
+        Index(
+            "uq_boletos_live_invoice",
+            "invoice_id",
+            unique=True,
+            postgresql_where=text("status IN ('issued', 'overdue')"),
+        ),
         # The overdue, suspension and reminder scans.
         Index(
             "ix_boletos_open_due",
@@ -255,7 +279,8 @@ class Boleto(Timestamped, Base):
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    invoice_id: Mapped[int] = mapped_column(ForeignKey("invoices.id"), unique=True)
+    invoice_id: Mapped[int] = mapped_column(ForeignKey("invoices.id"))
+    sequence: Mapped[int] = mapped_column(Integer, server_default=text("1"))
     gateway_id: Mapped[str] = mapped_column(Text, unique=True)
     nosso_numero: Mapped[str] = mapped_column(String(32))
     barcode: Mapped[str] = mapped_column(String(44))
@@ -265,9 +290,14 @@ class Boleto(Timestamped, Base):
     status: Mapped[str] = mapped_column(String(16), server_default=BoletoStatus.ISSUED.value)
     paid_on: Mapped[date | None]
     paid_at: Mapped[datetime | None]
+    # What the payer actually paid (the gateway's word), which may differ from `amount_cents`.
+    paid_amount_cents: Mapped[int | None]
     overdue_on: Mapped[date | None]
+    # The day it was given up for a replacement (expired at the gateway, or a member asked for a
+    # segunda via): the replacement is due BOLETO_DUE_DAYS after it, the same day on every retry.
+    replaced_on: Mapped[date | None]
 
-    invoice: Mapped[Invoice] = relationship(back_populates="boleto")
+    invoice: Mapped[Invoice] = relationship(back_populates="boletos")
 
 
 class LedgerEntry(Base):
@@ -284,6 +314,40 @@ class LedgerEntry(Base):
     description: Mapped[str] = mapped_column(Text, server_default="")
     details: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class Refund(Timestamped, Base):
+    """Money given back from an ended subscription's balance (Kill Bill style, like a charge).
+
+    `card`: refunded through the gateway against the charge the money came from, in three phases
+    (pending → succeeded / failed / unknown; key `refund:{id}`). `payout`: money that came by boleto,
+    which the gateway cannot return: pending until on-call pays it out and records the reference.
+    A card refund the gateway refuses becomes a payout, so the money is never kept.
+    """
+
+    __tablename__ = "refunds"
+    __table_args__ = (
+        CheckConstraint(f"method IN {sql_in(RefundMethod)}", name="method"),
+        CheckConstraint(f"status IN {sql_in(RefundStatus)}", name="status"),
+        CheckConstraint("amount_cents > 0", name="amount_positive"),
+        CheckConstraint("method = 'payout' OR charge_id IS NOT NULL", name="card_refund_has_charge"),
+        Index("ix_refunds_open", "created_at", postgresql_where=text("status IN ('pending', 'unknown')")),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    subscription_id: Mapped[int] = mapped_column(ForeignKey("subscriptions.id"), index=True)
+    organization_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)
+    charge_id: Mapped[int | None] = mapped_column(ForeignKey("charges.id"), index=True)
+    method: Mapped[str] = mapped_column(String(16))
+    amount_cents: Mapped[int]
+    status: Mapped[str] = mapped_column(String(16), server_default=RefundStatus.PENDING.value)
+    reason: Mapped[str] = mapped_column(Text, server_default="")
+    gateway_id: Mapped[str | None] = mapped_column(Text)
+    gateway_code: Mapped[str | None] = mapped_column(Text)
+    gateway_message: Mapped[str | None] = mapped_column(Text)
+    # A payout's bank reference (or a card refund's replacement payout), set when it is closed.
+    reference: Mapped[str | None] = mapped_column(Text)
+    resolved_at: Mapped[datetime | None]
 
 
 class ChangeRequest(Base):

@@ -50,6 +50,19 @@ class BoletoStatus(StrEnum):
     EXPIRED = "expired"
 
 
+class RefundMethod(StrEnum):
+    CARD = "card"
+    PAYOUT = "payout"
+
+
+class RefundStatus(StrEnum):
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+    PAID = "paid"  # a payout closed by on-call
+
+
 class ChangeRequestStatus(StrEnum):
     PENDING = "pending"
     APPLIED = "applied"

@@ -128,6 +128,8 @@ def _truncate_all() -> None:
         # Gateway idempotency keys derive from invoice ids and the sandbox gateway outlives a test:
         # start invoice ids somewhere new, so no test replays another test's stored responses.
         connection.execute(text(f"ALTER SEQUENCE invoices_id_seq RESTART WITH {secrets.randbelow(10**12) + 10**6}"))
+        # The same for refunds (key `refund:{id}`).
+        connection.execute(text(f"ALTER SEQUENCE refunds_id_seq RESTART WITH {secrets.randbelow(10**12) + 10**6}"))
 
 
 def _reset_between(session: Session) -> None:
@@ -146,6 +148,40 @@ def clean_database(migrated_database: str) -> None:
 def session(clean_database: None) -> Iterator[Session]:
     with get_session_factory()() as db_session:
         yield db_session
+
+
+_CALL_REPORT = pytest.StashKey[pytest.TestReport]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    """Keep the call phase's report on the item, so that `ledger_checked` knows whether the test passed."""
+    report = yield
+    if report.when == "call":
+        item.stash[_CALL_REPORT] = report
+    return report
+
+
+@pytest.fixture
+def ledger_checked(request: pytest.FixtureRequest, session: Session) -> Iterator[None]:
+    """After the test, `renova ledger check` on the committed state (a fresh session): any money kept
+    or lost fails the test with the violations. A test that builds an inconsistent ledger on purpose
+    opts out with `@pytest.mark.ledger_unchecked("why")`; a test that already failed is not checked
+    (its scenario stopped halfway, so its ledger proves nothing)."""
+    yield
+    marker = request.node.get_closest_marker("ledger_unchecked")
+    report = request.node.stash.get(_CALL_REPORT, None)
+    if marker is not None or report is None or not report.passed:
+        return
+    from jobs.ledger_check import check_ledger
+
+    with get_session_factory()() as fresh:
+        violations = check_ledger(fresh)
+    if violations:
+        lines = [
+            f"[{v.rule}] subscription {v.subscription_id}, invoice {v.invoice_id}: {v.message}" for v in violations
+        ]
+        pytest.fail("ledger check: money kept or lost\n" + "\n".join(lines), pytrace=False)
 
 
 @pytest.fixture

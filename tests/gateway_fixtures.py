@@ -164,8 +164,13 @@ class SandboxGateway:
         return response.json()
 
     def ledger(self, idempotency_key: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
-        """Every successful charge and boleto payment the sandbox has recorded, oldest first."""
+        """Every successful charge and boleto payment (positive) and refund (negative, with the
+        refunded charge's `charge_id`) the sandbox has recorded, oldest first."""
         return self._get("/sandbox/ledger", idempotency_key=idempotency_key, kind=kind)["data"]
+
+    def charge(self, charge_id: str) -> dict[str, Any]:
+        """A charge as the sandbox holds it now, with `amount_refunded_cents`."""
+        return self._get(f"/v1/charges/{charge_id}")
 
     def webhooks(self) -> list[dict[str, Any]]:
         """Every webhook delivery with its status, attempts and event."""

@@ -154,7 +154,9 @@ def test_annual_boleto_paid_late_is_suspended_then_reactivated(session, billing_
     pay(session, sandbox_gateway, boleto, date(2028, 3, 20))
     session.refresh(subscription)
     assert subscription.status == "active"
-    assert (subscription.current_period_start, subscription.current_period_end) == (renewal, date(2029, 3, 10))
+    # Suspended since the 15th: the year paid starts on the payment date, which becomes the anchor.
+    assert (subscription.current_period_start, subscription.current_period_end) == (date(2028, 3, 20), date(2029, 3, 20))
+    assert subscription.billing_anchor == date(2028, 3, 20)
     assert kinds(session) == [
         "boleto_issued",
         "renewal_notice",

@@ -307,7 +307,7 @@ def test_the_scans_use_their_indexes(session):
         "issue_boletos": "ix_subscriptions_boleto_due",
         "renew": "ix_subscriptions_renewal_due",
         "retry_charges": "ix_charges_retry_due",
-        "boletos_overdue": "ix_boletos_open_due",
+        "boletos_overdue": "ix_boletos_awaiting_overdue",
         "renewal_notices": "ix_subscriptions_renewal_due",
     }
     on = date(2026, 1, 20)

@@ -1,17 +1,20 @@
 """The gateway port end to end: the HTTP adapter against the sandbox running as a real process.
 
-The property under test is the one billing depends on: a charge is made at most once per
-idempotency key, and every failure is classified so the caller knows whether it may retry
+The property under test is the one billing depends on: a charge (or a refund) is made at most once
+per idempotency key, and every failure is classified so the caller knows whether it may retry
 (Unavailable), must reconcile (Ambiguous) or has a final answer (result, Declined, rejection).
 """
 
 from __future__ import annotations
 
 import signal
+import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from datetime import date
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -34,10 +37,12 @@ from gateways.base import (
     GatewayRejected,
     IdempotencyConflict,
     Payer,
+    RefundResult,
     Unavailable,
     charge_many,
 )
 from gateways.http import HttpGateway
+from gateways.sandbox import LEDGER_TABLE, SCHEMA, STATE_FILE
 from gateways.webhooks import SIGNATURE_HEADER, InvalidSignature, sign, verify
 from models.boleto import is_valid_nosso_numero, parse_digitable_line
 from tests.gateway_fixtures import (
@@ -267,6 +272,8 @@ def test_connection_refused_is_unavailable() -> None:
             nowhere.find_charge(new_key())
         with pytest.raises(Unavailable):
             nowhere.issue_boleto(BoletoRequest(1, 1_000, "x"), PAYER, DUE, new_key("boleto"))
+        with pytest.raises(Unavailable):
+            nowhere.refund("ch_1", 1_000, new_key("refund"))
 
 
 class StubServer:
@@ -343,6 +350,45 @@ def test_find_charge_never_guesses(stub_server: StubServer) -> None:
 
 
 @pytest.mark.parametrize(
+    ("stub_server", "expected"),
+    [
+        ((500, b"Internal Server Error", "text/plain"), Ambiguous),
+        ((503, b'{"error": {"type": "unavailable", "code": "busy", "processed": false}}'), Unavailable),
+        ((200, b"not json"), Ambiguous),
+        # A refund still being processed is not money known to be back.
+        (
+            (
+                200,
+                b'{"id": "re_1", "charge_id": "ch_1", "amount_cents": 1, "idempotency_key": "k", "status": "pending"}',
+            ),
+            Ambiguous,
+        ),
+        ((409, b'{"error": {"type": "idempotency_error", "code": "idempotency_key_reused"}}'), IdempotencyConflict),
+        ((403, b'{"error": {"type": "authentication_error", "code": "forbidden"}}'), AuthenticationFailed),
+        ((400, b'{"error": {"type": "invalid_request_error", "code": "amount_exceeds_refundable"}}'), GatewayRejected),
+    ],
+    indirect=["stub_server"],
+)
+def test_refund_failures_are_classified(stub_server: StubServer, expected: type[GatewayError]) -> None:
+    client = HttpGateway(stub_server.url, "sk", connect_timeout=1.0, read_timeout=1.0)
+    with client, pytest.raises(expected):
+        client.refund("ch_1", 1_000, new_key("refund"))
+    assert stub_server.requests == 1
+
+
+@pytest.mark.parametrize(
+    "stub_server", [(402, b'{"error": {"type": "card_error", "code": "refund_failed"}}')], indirect=True
+)
+def test_a_refused_refund_is_never_a_decline(stub_server: StubServer) -> None:
+    # Declined belongs to charges: callers of refund handle GatewayRejected, and must get one.
+    client = HttpGateway(stub_server.url, "sk", connect_timeout=1.0, read_timeout=1.0)
+    with client, pytest.raises(GatewayRejected) as rejected:
+        client.refund("ch_1", 1_000, new_key("refund"))
+    assert not isinstance(rejected.value, Declined)
+    assert (rejected.value.code, rejected.value.status_code) == ("refund_failed", 402)
+
+
+@pytest.mark.parametrize(
     ("raised", "charge_error", "lookup_error"),
     [
         (httpx.ConnectError("refused"), Unavailable, Unavailable),
@@ -368,8 +414,13 @@ def test_transport_errors_are_classified(
             client.charge("tok_ok", 1_000, "charge:1:1", "x")
         with pytest.raises(lookup_error):
             client.find_charge("charge:1:1")
+        # A refund moves money like a charge: a failure after sending may have refunded.
+        with pytest.raises(charge_error):
+            client.refund("ch_1/x", 1_000, "refund:7")
     assert seen[0].headers["Idempotency-Key"] == "charge:1:1"
     assert seen[0].headers["Authorization"] == "Bearer sk_secret"
+    assert seen[2].url.raw_path == b"/v1/charges/ch_1%2Fx/refunds"
+    assert seen[2].headers["Idempotency-Key"] == "refund:7"
 
 
 def test_from_settings_reads_secret_and_timeouts() -> None:
@@ -482,6 +533,237 @@ def test_sigterm_stops_the_sandbox_cleanly(tmp_path: Path) -> None:
     # The last SQLite connection closing checkpoints and removes the WAL: the shutdown hook ran.
     assert (sandbox.data_dir / "sandbox.sqlite3").exists()
     assert not (sandbox.data_dir / "sandbox.sqlite3-wal").exists()
+
+
+# --- refunds --------------------------------------------------------------------------------------
+
+
+def refunded_cents(sandbox_gateway: SandboxGateway, charge_id: str) -> int:
+    return int(sandbox_gateway.charge(charge_id)["amount_refunded_cents"])
+
+
+def test_full_refund_is_a_negative_ledger_line(gateway: HttpGateway, sandbox_gateway: SandboxGateway) -> None:
+    charge = gateway.charge("tok_ok", 5_000, new_key(), "CONECTA mensal")
+    key = new_key("refund")
+    refund = gateway.refund(charge.gateway_id, 5_000, key)
+
+    assert refund == RefundResult(
+        gateway_id=refund.gateway_id,
+        charge_gateway_id=charge.gateway_id,
+        amount_cents=5_000,
+        idempotency_key=key,
+        status="succeeded",
+    )
+    assert refund.gateway_id.startswith("re_")
+    [line] = sandbox_gateway.ledger(idempotency_key=key)
+    assert (line["kind"], line["id"], line["amount_cents"]) == ("refund", refund.gateway_id, -5_000)
+    assert (line["charge_id"], line["card_token"]) == (charge.gateway_id, "tok_ok")
+    assert refunded_cents(sandbox_gateway, charge.gateway_id) == 5_000
+    # Nothing is left to refund, so not even one more cent goes back.
+    with pytest.raises(GatewayRejected) as nothing_left:
+        gateway.refund(charge.gateway_id, 1, new_key("refund"))
+    assert nothing_left.value.code == "amount_exceeds_refundable"
+
+
+def test_partial_refunds_never_exceed_the_charge(gateway: HttpGateway, sandbox_gateway: SandboxGateway) -> None:
+    charge = gateway.charge("tok_ok", 10_000, new_key(), "CONECTA anual")
+    first = gateway.refund(charge.gateway_id, 3_000, new_key("refund"))
+    second = gateway.refund(charge.gateway_id, 5_000, new_key("refund"))
+    assert first.gateway_id != second.gateway_id
+    assert refunded_cents(sandbox_gateway, charge.gateway_id) == 8_000
+
+    key = new_key("refund")
+    with pytest.raises(GatewayRejected) as too_much:
+        gateway.refund(charge.gateway_id, 2_001, key)
+    assert not isinstance(too_much.value, IdempotencyConflict)
+    assert (too_much.value.code, too_much.value.status_code) == ("amount_exceeds_refundable", 400)
+    assert "2000" in too_much.value.message  # says what is left
+    assert sandbox_gateway.ledger(idempotency_key=key) == []
+    assert refunded_cents(sandbox_gateway, charge.gateway_id) == 8_000
+    # The refusal is not stored as the key's answer: the corrected amount is refunded.
+    assert gateway.refund(charge.gateway_id, 2_000, key).amount_cents == 2_000
+    assert refunded_cents(sandbox_gateway, charge.gateway_id) == 10_000
+
+
+def test_retried_refund_key_refunds_once(gateway: HttpGateway, sandbox_gateway: SandboxGateway) -> None:
+    charge = gateway.charge("tok_ok", 4_000, new_key(), "CONECTA mensal")
+    key = new_key("refund")
+    first = gateway.refund(charge.gateway_id, 1_500, key)
+    assert gateway.refund(charge.gateway_id, 1_500, key) == first
+    assert len(sandbox_gateway.ledger(idempotency_key=key)) == 1
+    assert refunded_cents(sandbox_gateway, charge.gateway_id) == 1_500
+
+
+def test_refund_key_reused_with_another_request_is_a_conflict(
+    gateway: HttpGateway, sandbox_gateway: SandboxGateway
+) -> None:
+    charge = gateway.charge("tok_ok", 4_000, new_key(), "CONECTA mensal")
+    other_charge = gateway.charge("tok_ok", 4_000, new_key(), "CONECTA mensal")
+    key = new_key("refund")
+    original = gateway.refund(charge.gateway_id, 1_000, key)
+    with pytest.raises(IdempotencyConflict) as other_amount:
+        gateway.refund(charge.gateway_id, 1_500, key)
+    assert (other_amount.value.code, other_amount.value.status_code) == ("idempotency_key_reused", 409)
+    # The charge is part of the request: one key cannot refund two charges.
+    with pytest.raises(IdempotencyConflict):
+        gateway.refund(other_charge.gateway_id, 1_000, key)
+    [line] = sandbox_gateway.ledger(idempotency_key=key)
+    assert (line["id"], line["amount_cents"]) == (original.gateway_id, -1_000)
+    assert refunded_cents(sandbox_gateway, other_charge.gateway_id) == 0
+
+
+def test_refund_of_a_declined_charge_is_rejected(gateway: HttpGateway, sandbox_gateway: SandboxGateway) -> None:
+    with pytest.raises(Declined) as declined:
+        gateway.charge("tok_do_not_honor", 2_000, new_key(), "CONECTA mensal")
+    assert declined.value.gateway_id is not None
+    key = new_key("refund")
+    with pytest.raises(GatewayRejected) as rejected:
+        gateway.refund(declined.value.gateway_id, 2_000, key)
+    assert not isinstance(rejected.value, IdempotencyConflict)
+    assert (rejected.value.code, rejected.value.status_code) == ("charge_not_refundable", 400)
+    assert sandbox_gateway.ledger(idempotency_key=key) == []
+
+
+def test_refund_of_an_unknown_charge_is_rejected(gateway: HttpGateway, sandbox_gateway: SandboxGateway) -> None:
+    key = new_key("refund")
+    with pytest.raises(GatewayRejected) as rejected:
+        gateway.refund("ch_does_not_exist", 1_000, key)
+    assert (rejected.value.code, rejected.value.status_code) == ("charge_not_found", 404)
+    assert sandbox_gateway.ledger(idempotency_key=key) == []
+
+
+@pytest.mark.parametrize("amount", [0, -100])
+def test_refund_needs_a_positive_amount(gateway: HttpGateway, amount: int) -> None:
+    charge = gateway.charge("tok_ok", 1_000, new_key(), "x")
+    with pytest.raises(GatewayRejected) as rejected:
+        gateway.refund(charge.gateway_id, amount, new_key("refund"))
+    assert rejected.value.code == "invalid_request"
+    assert "amount_cents" in rejected.value.message
+
+
+def test_stalled_refund_is_ambiguous_and_the_same_key_finds_it(
+    gateway: HttpGateway, sandbox_gateway: SandboxGateway
+) -> None:
+    charge = gateway.charge("tok_ok", 6_000, new_key(), "CONECTA mensal")
+    key = new_key("refund")
+    started = time.monotonic()
+    with sandbox_gateway.client(headers={"Sandbox-Timeout-Rate": "1"}) as stalling, pytest.raises(Ambiguous):
+        stalling.refund(charge.gateway_id, 2_500, key)
+    assert time.monotonic() - started >= GATEWAY_READ_TIMEOUT * 0.9
+
+    # The refund went through before the answer stalled: calling again with the key is the lookup.
+    [line] = sandbox_gateway.ledger(idempotency_key=key)
+    found = gateway.refund(charge.gateway_id, 2_500, key)
+    assert (found.gateway_id, found.amount_cents, found.idempotency_key) == (line["id"], 2_500, key)
+    assert len(sandbox_gateway.ledger(idempotency_key=key)) == 1
+    assert refunded_cents(sandbox_gateway, charge.gateway_id) == 2_500
+
+
+def test_unavailable_refund_processes_nothing(gateway: HttpGateway, sandbox_gateway: SandboxGateway) -> None:
+    charge = gateway.charge("tok_ok", 6_000, new_key(), "CONECTA mensal")
+    key = new_key("refund")
+    with sandbox_gateway.configured(unavailable_rate=1.0), pytest.raises(Unavailable):
+        gateway.refund(charge.gateway_id, 6_000, key)
+    assert sandbox_gateway.ledger(idempotency_key=key) == []
+    assert refunded_cents(sandbox_gateway, charge.gateway_id) == 0
+    assert gateway.refund(charge.gateway_id, 6_000, key).amount_cents == 6_000
+
+
+def test_concurrent_refunds_never_exceed_the_charge(sandbox_gateway: SandboxGateway) -> None:
+    with sandbox_gateway.client(max_concurrency=8) as client:
+        charge = client.charge("tok_ok", 10_000, new_key(), "CONECTA anual")
+
+        def attempt(key: str) -> RefundResult | GatewayError:
+            try:
+                return client.refund(charge.gateway_id, 3_000, key)
+            except GatewayError as exc:
+                return exc
+
+        with ThreadPoolExecutor(8) as pool:
+            outcomes = list(pool.map(attempt, [new_key("refund") for _ in range(8)]))
+
+    refunded = [outcome for outcome in outcomes if isinstance(outcome, RefundResult)]
+    refused = [outcome for outcome in outcomes if isinstance(outcome, GatewayRejected)]
+    assert (len(refunded), len(refused)) == (3, 5), outcomes
+    assert {error.code for error in refused} == {"amount_exceeds_refundable"}
+    assert refunded_cents(sandbox_gateway, charge.gateway_id) == 9_000
+
+
+def test_ledger_nets_charges_and_refunds(gateway: HttpGateway, sandbox_gateway: SandboxGateway) -> None:
+    annual = gateway.charge("tok_ok", 7_000, new_key(), "CONECTA anual")
+    monthly = gateway.charge("tok_ok", 3_000, new_key(), "CONECTA mensal")
+    partial = gateway.refund(annual.gateway_id, 2_500, new_key("refund"))
+    full = gateway.refund(monthly.gateway_id, 3_000, new_key("refund"))
+
+    mine = {annual.gateway_id, monthly.gateway_id}
+    lines = [line for line in sandbox_gateway.ledger() if line["charge_id"] in mine]
+    assert sorted((line["kind"], line["amount_cents"]) for line in lines) == [
+        ("charge", 3_000),
+        ("charge", 7_000),
+        ("refund", -3_000),
+        ("refund", -2_500),
+    ]
+    assert sum(line["amount_cents"] for line in lines) == 7_000 + 3_000 - 2_500 - 3_000
+    net = {
+        charge_id: sum(line["amount_cents"] for line in lines if line["charge_id"] == charge_id) for charge_id in mine
+    }
+    assert net == {annual.gateway_id: 4_500, monthly.gateway_id: 0}
+
+    refunds = sandbox_gateway.ledger(kind="refund")
+    assert {partial.gateway_id, full.gateway_id} <= {line["id"] for line in refunds}
+    assert all(line["kind"] == "refund" and line["amount_cents"] < 0 for line in refunds)
+    charges = sandbox_gateway.ledger(kind="charge")
+    assert mine <= {line["id"] for line in charges}
+    assert all(line["amount_cents"] > 0 for line in charges)
+    [found] = sandbox_gateway.ledger(idempotency_key=partial.idempotency_key, kind="refund")
+    assert found["id"] == partial.gateway_id
+    assert sandbox_gateway.ledger(idempotency_key=partial.idempotency_key, kind="charge") == []
+
+
+# The ledger as sandboxes created it before refunds existed.
+LEDGER_BEFORE_REFUNDS = """
+CREATE TABLE ledger (
+    entry INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL CHECK (kind IN ('charge', 'boleto_payment')),
+    ref TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    amount_cents INTEGER NOT NULL,
+    card_token TEXT,
+    created REAL NOT NULL,
+    UNIQUE (kind, ref)
+);
+"""
+
+
+def test_state_from_before_refunds_is_migrated(tmp_path: Path) -> None:
+    data_dir = tmp_path / "old-sandbox"
+    data_dir.mkdir()
+    assert LEDGER_TABLE.strip() in SCHEMA
+    with closing(sqlite3.connect(data_dir / STATE_FILE)) as db:
+        db.executescript(SCHEMA.replace(LEDGER_TABLE.strip(), LEDGER_BEFORE_REFUNDS))
+        db.execute(
+            "INSERT INTO ledger (entry, kind, ref, idempotency_key, amount_cents, card_token, created) "
+            "VALUES (41, 'boleto_payment', 'bol_old', 'boleto:old', 9900, NULL, 1.0)"
+        )
+        db.commit()
+
+    sandbox = SandboxGateway(data_dir)
+    try:
+        sandbox.start()
+        with sandbox.client() as client:
+            charge = client.charge("tok_ok", 2_000, new_key(), "x")
+            refund = client.refund(charge.gateway_id, 500, new_key("refund"))
+        sandbox.restart()  # the migrated file opens again as it is
+        old, charged, refunded = sandbox.ledger()
+    finally:
+        sandbox.close()
+    assert (old["entry"], old["id"], old["amount_cents"], old["charge_id"]) == (41, "bol_old", 9_900, None)
+    assert (charged["entry"], charged["id"], charged["amount_cents"]) == (42, charge.gateway_id, 2_000)
+    assert (refunded["id"], refunded["amount_cents"], refunded["charge_id"]) == (
+        refund.gateway_id,
+        -500,
+        charge.gateway_id,
+    )
 
 
 # --- boletos --------------------------------------------------------------------------------------

@@ -16,8 +16,11 @@ from aiosmtpd.controller import Controller
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from jobs import renewals
+from jobs.billing_day import run_day, scan_renewal_notices
 from jobs.context import runtime
 from jobs.notifications import (
+    BOLETO_PURPOSES,
     KINDS,
     NO_RECIPIENTS,
     DeliveryFailed,
@@ -28,9 +31,11 @@ from jobs.notifications import (
     render,
     send_notification,
 )
+from jobs.payments import suspend
 from jobs.retries import is_transient
-from models.schema import Member, Notification, Organization
+from models.schema import Boleto, Invoice, Member, Notification, Organization, Subscription
 from tests.conftest import wait_until
+from tests.factories import ANNUAL_PRICE, make_organization, make_subscription, noon, seed_plans
 from workers.db import get_session_factory
 from workers.embedded import free_port
 from workers.mail import (
@@ -123,7 +128,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "amount_cents": 178800,
         "cycle": "annual",
         "payment_method": "boleto",
-        "switch_deadline": "2026-04-22",
+        "switch_to_card_until": "2026-04-22",  # T − 8
+        "boleto_lead_days": 7,
     },
     "subscribed": {
         "cycle": "annual",
@@ -135,6 +141,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "cancellation_scheduled": {"ends_on": "2026-05-31"},
     "subscription_canceled": {"ended_on": "2026-05-31"},
     "cancellation_undone": {"renewal_date": "2026-05-31"},
+    "refund_created": {"subscription_id": 3, "amount_cents": 123456, "method": "card", "card_last4": "4242"},
 }
 
 # What each rendered body must show (amounts as Babel writes them, with the non-breaking space).
@@ -169,11 +176,17 @@ EXPECTED: dict[str, list[str]] = {
         "só está disponível para assinaturas com ciclo de cobrança anual",
         "Nenhuma alteração foi feita",
     ],
-    "renewal_notice": ["renovada em 30/04/2026", "R$\xa01.788,00", "boleto", "até 22/04/2026"],
+    "renewal_notice": [
+        "renovada em 30/04/2026",
+        "R$\xa01.788,00",
+        "será paga via boleto, gerado 7 dias antes da data de renovação",
+        "Para pagar com cartão de crédito, altere a forma de pagamento em Minhas assinaturas até 22/04/2026",
+    ],
     "subscribed": ["Ciclo de cobrança: anual", "cartão de crédito", "R$\xa01.788,00", "15/01/2026 a 14/01/2027"],
     "cancellation_scheduled": ["cancelada em 31/05/2026"],
     "subscription_canceled": ["cancelada em 31/05/2026"],
     "cancellation_undone": ["renovada normalmente em 31/05/2026"],
+    "refund_created": ["R$\xa01.234,56", "estorno no cartão de crédito final 4242", "fatura do cartão"],
 }
 
 
@@ -299,6 +312,9 @@ def test_notify_stores_dates_as_iso_strings(session: Session) -> None:
         ("cycle_changed", {**SAMPLES["cycle_changed"], "quote": {"paid_cents": 1}}, "quote.unused_cents"),
         ("boleto_reminder", {**SAMPLES["boleto_reminder"], "amount_cents": "1.788,00"}, "does not render"),
         ("boleto_reminder", {**SAMPLES["boleto_reminder"], "due_date": "02/03/2026"}, "does not render"),
+        ("boleto_issued", {**SAMPLES["boleto_issued"], "purpose": "gift"}, "purpose='gift'"),
+        ("refund_created", {**SAMPLES["refund_created"], "method": "pix"}, "method='pix'"),
+        ("refund_created", {"amount_cents": 100, "method": "card"}, "missing context keys: subscription_id"),
     ],
 )
 def test_notify_refuses_bad_notices_and_writes_nothing(
@@ -433,6 +449,290 @@ def test_cycle_change_to_monthly_shows_the_extension() -> None:
     assert "Próxima renovação: 15/12/2026" in text
     assert "Crédito que a assinatura já tinha: R$\xa05,00" in text
     assert "descontado da próxima cobrança: R$\xa03,00" in text
+
+
+def rendered(kind: str, context: dict[str, Any]) -> Any:
+    return render(Notification(kind=kind, context=context, recipients=[]), ORG_NAME)
+
+
+# The sentence that says what a boleto pays, for the sample's period 02/03/2026 to 01/03/2027.
+PURPOSE_SENTENCES = {
+    "renewal": "Este boleto paga a renovação da assinatura anual (período 02/03/2026 a 01/03/2027).",
+    "subscribe": "Este boleto paga a nova assinatura, no ciclo de cobrança anual (período 02/03/2026 a 01/03/2027).",
+    "cycle_change": (
+        "Este boleto paga a alteração do plano (ciclo de cobrança) para o ciclo anual (período 02/03/2026 a 01/03/2027)."
+    ),
+    "reissue": "o boleto anterior foi cancelado e não deve mais ser pago. Pague somente este boleto.",
+}
+
+
+@pytest.mark.parametrize("purpose", BOLETO_PURPOSES)
+def test_boleto_issued_says_what_it_pays(purpose: str) -> None:
+    email = rendered("boleto_issued", {**SAMPLES["boleto_issued"], "purpose": purpose})
+    assert PURPOSE_SENTENCES[purpose] in email.text
+    for other, sentence in PURPOSE_SENTENCES.items():
+        if other != purpose:
+            assert sentence not in email.text, other
+    assert LINHA in email.text and "R$\xa01.788,00" in email.text and "Vencimento: 02/03/2026" in email.text
+    # Only a renewal's boleto says the renewal can no longer move to card.
+    assert ("Como o boleto desta renovação já foi gerado" in email.text) == (purpose == "renewal")
+    if purpose == "reissue":
+        assert email.subject == "Segunda via do boleto da assinatura CONECTA: R$\xa01.788,00, vencimento em 02/03/2026"
+        assert "A segunda via do boleto da assinatura CONECTA" in email.text
+    else:
+        assert email.subject.startswith("Boleto da assinatura CONECTA: R$\xa01.788,00")
+
+
+@pytest.mark.parametrize("context", [SAMPLES["boleto_issued"], {**SAMPLES["boleto_issued"], "purpose": None}])
+def test_boleto_issued_without_a_purpose_is_a_renewal(context: dict[str, Any]) -> None:
+    text = rendered("boleto_issued", context).text
+    assert PURPOSE_SENTENCES["renewal"] in text
+    assert "segunda via" not in text.lower()
+
+
+def test_renewal_notice_names_the_last_day_to_switch_a_boleto_renewal_to_card() -> None:
+    text = rendered("renewal_notice", SAMPLES["renewal_notice"]).text
+    assert "Esta renovação será paga via boleto, gerado 7 dias antes da data de renovação" in text
+    assert "altere a forma de pagamento em Minhas assinaturas até 22/04/2026" in text
+    # Once the deadline has passed the notice is sent without it, and promises no switch.
+    late = {key: value for key, value in SAMPLES["renewal_notice"].items() if key != "switch_to_card_until"}
+    text = rendered("renewal_notice", late).text
+    assert "será paga via boleto" in text and "Para pagar com cartão de crédito" not in text
+    card = {**SAMPLES["renewal_notice"], "payment_method": "card", "switch_to_card_until": None}
+    text = rendered("renewal_notice", card).text
+    assert "cobrado no cartão de crédito" in text and "via boleto" not in text
+
+
+def test_suspension_notice_shows_the_open_boleto() -> None:
+    context = {
+        "invoice_id": 41,
+        "amount_cents": 178800,
+        "reason": "boleto",
+        "digitable_line": LINHA,
+        "boleto_due_date": "2026-03-02",
+    }
+    text = rendered("subscription_suspended", context).text
+    assert "pagamento de R$\xa01.788,00 não foi identificado após o vencimento do boleto" in text
+    assert "pague o boleto em aberto: o pagamento reativa a assinatura" in text
+    assert "Vencimento do boleto: 02/03/2026\n\nLinha digitável:\n" + LINHA in text
+    assert "Formas de pagamento" not in text  # the card update is for card invoices
+
+
+def test_refund_notice_says_how_the_money_comes_back() -> None:
+    card = rendered("refund_created", SAMPLES["refund_created"])
+    assert card.subject == "Reembolso de R$\xa01.234,56 da assinatura CONECTA"
+    assert "Valor do reembolso: R$\xa01.234,56" in card.text
+    assert "Forma de devolução: estorno no cartão de crédito final 4242" in card.text
+    assert "transferência bancária" not in card.text
+
+    no_last4 = rendered("refund_created", {**SAMPLES["refund_created"], "card_last4": None}).text
+    assert "Forma de devolução: estorno no cartão de crédito\n" in no_last4
+
+    payout = rendered("refund_created", {"subscription_id": 3, "amount_cents": 5050, "method": "payout"}).text
+    assert "Valor do reembolso: R$\xa050,50" in payout
+    assert "Forma de devolução: transferência bancária" in payout
+    assert "foi pago via boleto" in payout
+    assert "Nossa equipe entrará em contato para solicitar os dados bancários" in payout
+    assert "estorno" not in payout
+
+
+def test_cancellation_notice_lists_voided_invoices_and_the_balance_to_refund() -> None:
+    several = {"ended_on": "2026-05-31", "voided_invoice_ids": [12, 13], "credit_cents": 123456}
+    text = rendered("subscription_canceled", several).text
+    assert "As faturas nº 12 e nº 13, que estavam em aberto, foram canceladas: nada é devido por elas" in text
+    assert "O saldo de R$\xa01.234,56 que a assinatura tinha será devolvido" in text
+
+    one = rendered("subscription_canceled", {"ended_on": "2026-05-31", "voided_invoice_ids": [12]}).text
+    assert "A fatura nº 12, que estava em aberto, foi cancelada" in one
+    assert "O saldo de" not in one
+
+
+# --- notices written by the billing flows ---------------------------------------------------------
+
+RUN_DAY = date(2028, 2, 9)  # 30 days before 10/03/2028
+
+
+def annual_subscription(
+    session: Session, organization_id: int, *, method: str, renewal: date, status: str = "active"
+) -> Subscription:
+    organization = make_organization(session, organization_id, card_token="tok_ok" if method == "card" else None)
+    anchor = renewal.replace(year=renewal.year - 1)
+    subscription = make_subscription(session, organization, cycle="annual", method=method, anchor=anchor)
+    assert subscription.current_period_end == renewal
+    subscription.status = status
+    session.flush()
+    return subscription
+
+
+def renewal_notices(session: Session) -> dict[int, dict[str, Any]]:
+    notices = session.scalars(select(Notification).where(Notification.kind == "renewal_notice"))
+    return {notice.subscription_id: notice.context for notice in notices}
+
+
+def test_daily_run_sends_no_renewal_notice_to_a_suspended_subscription(session: Session, billing_gateway: Any) -> None:
+    seed_plans(session)
+    renewal = RUN_DAY + timedelta(days=30)
+    active = annual_subscription(session, 1, method="card", renewal=renewal)
+    suspended = annual_subscription(session, 2, method="card", renewal=renewal, status="suspended")
+    session.commit()
+
+    for day in (RUN_DAY, RUN_DAY + timedelta(days=1)):
+        run_day(session, billing_gateway, day, noon(day), runtime().config)
+
+    notices = renewal_notices(session)
+    assert set(notices) == {active.id}, suspended.id
+    assert notices[active.id]["renewal_date"] == "2028-03-10"
+
+
+def test_suspended_subscription_is_skipped_by_the_scan_and_by_the_handler(
+    session: Session, billing_gateway: Any
+) -> None:
+    seed_plans(session)
+    renewal = RUN_DAY + timedelta(days=30)
+    active = annual_subscription(session, 1, method="boleto", renewal=renewal)
+    suspended = annual_subscription(session, 2, method="boleto", renewal=renewal, status="suspended")
+    session.commit()
+
+    due = set(session.scalars(scan_renewal_notices(RUN_DAY, runtime().config)))
+    assert active.id in due and suspended.id not in due
+
+    # A message naming it anyway (scanned before it was suspended) sends nothing either.
+    work = renewals.Work(on=RUN_DAY, now=noon(RUN_DAY), config=runtime().config, gateway=billing_gateway)
+    renewals.send_renewal_notice(session, suspended.id, work)
+    renewals.send_renewal_notice(session, active.id, work)
+    session.commit()
+    assert set(renewal_notices(session)) == {active.id}
+    assert work.done == 1
+
+
+def test_boleto_renewal_notice_names_the_last_day_to_switch_to_card(session: Session, billing_gateway: Any) -> None:
+    seed_plans(session)
+    early = annual_subscription(session, 1, method="boleto", renewal=RUN_DAY + timedelta(days=30))
+    switching = annual_subscription(session, 2, method="card", renewal=RUN_DAY + timedelta(days=30))
+    switching.pending_payment_method = "boleto"  # the effective method pays the renewal
+    last_day = annual_subscription(session, 3, method="boleto", renewal=RUN_DAY + timedelta(days=8))
+    too_late = annual_subscription(session, 4, method="boleto", renewal=RUN_DAY + timedelta(days=7))
+    card = annual_subscription(session, 5, method="card", renewal=RUN_DAY + timedelta(days=30))
+    session.commit()
+
+    run_day(session, billing_gateway, RUN_DAY, noon(RUN_DAY), runtime().config)
+
+    notices = renewal_notices(session)
+    assert set(notices) == {early.id, switching.id, last_day.id, too_late.id, card.id}
+    # T − 8: boleto → card is accepted while today < T − 7, the day the boleto is issued.
+    assert notices[early.id]["switch_to_card_until"] == "2028-03-02"
+    assert (notices[switching.id]["payment_method"], notices[switching.id]["switch_to_card_until"]) == (
+        "boleto",
+        "2028-03-02",
+    )
+    assert notices[last_day.id]["switch_to_card_until"] == RUN_DAY.isoformat()
+    assert "switch_to_card_until" not in notices[too_late.id]
+    assert "switch_to_card_until" not in notices[card.id] and notices[card.id]["payment_method"] == "card"
+
+    notice = session.scalars(select(Notification).where(Notification.subscription_id == early.id)).one()
+    text = render(notice, "Acme Ltda").text
+    assert "Valor da renovação: R$\xa0479,00" in text
+    assert "Esta renovação será paga via boleto, gerado 7 dias antes da data de renovação" in text
+    assert "altere a forma de pagamento em Minhas assinaturas até 02/03/2028" in text
+
+
+def open_renewal_invoice(session: Session, subscription: Subscription, method: str) -> Invoice:
+    start = subscription.current_period_end
+    invoice = Invoice(
+        subscription_id=subscription.id,
+        organization_id=subscription.organization_id,
+        kind="renewal",
+        cycle=subscription.cycle,
+        period_start=start,
+        period_end=start.replace(year=start.year + 1),
+        amount_cents=ANNUAL_PRICE,
+        discount_cents=0,
+        total_cents=ANNUAL_PRICE,
+        status="open",
+        method=method,
+        due_date=start,
+    )
+    session.add(invoice)
+    session.flush()
+    return invoice
+
+
+def test_suspension_notice_carries_the_live_boleto_or_the_card_update(session: Session) -> None:
+    old_line = "34191.09008 00015.710296 30132.800001 1 11110000047900"
+    by_boleto = annual_subscription(session, 1, method="boleto", renewal=date(2028, 3, 10), status="past_due")
+    invoice = open_renewal_invoice(session, by_boleto, "boleto")
+    session.add_all(
+        [
+            Boleto(
+                invoice_id=invoice.id,
+                sequence=1,
+                gateway_id="bol_first",
+                nosso_numero="1",
+                barcode="",
+                digitable_line=old_line,
+                amount_cents=ANNUAL_PRICE,
+                due_date=date(2028, 3, 10),
+                status="canceled",
+            ),
+            Boleto(  # the segunda via
+                invoice_id=invoice.id,
+                sequence=2,
+                gateway_id="bol_second",
+                nosso_numero="2",
+                barcode="",
+                digitable_line=LINHA,
+                amount_cents=ANNUAL_PRICE,
+                due_date=date(2028, 3, 20),
+                status="overdue",
+                overdue_on=date(2028, 3, 21),
+            ),
+        ]
+    )
+    by_card = annual_subscription(session, 2, method="card", renewal=date(2028, 3, 10), status="past_due")
+    card_invoice = open_renewal_invoice(session, by_card, "card")
+    session.flush()
+
+    suspend(session, by_boleto, invoice, now=noon(date(2028, 3, 24)), reason="boleto")
+    suspend(session, by_card, card_invoice, now=noon(date(2028, 3, 24)), reason="card")
+    session.commit()
+
+    notices = {
+        notice.subscription_id: notice
+        for notice in session.scalars(select(Notification).where(Notification.kind == "subscription_suspended"))
+    }
+    boleto_notice = notices[by_boleto.id]
+    assert boleto_notice.context["digitable_line"] == LINHA
+    assert boleto_notice.context["boleto_due_date"] == "2028-03-20"
+    text = render(boleto_notice, "Acme Ltda").text
+    assert "Vencimento do boleto: 20/03/2028\n\nLinha digitável:\n" + LINHA in text
+    assert old_line not in text
+    assert "pague o boleto em aberto: o pagamento reativa a assinatura" in text
+
+    card_notice = notices[by_card.id]
+    assert "digitable_line" not in card_notice.context and "boleto_due_date" not in card_notice.context
+    text = render(card_notice, "Acme Ltda").text
+    assert "Linha digitável" not in text and "Formas de pagamento" in text
+
+
+def test_a_boleto_renewal_suspended_by_the_daily_run_is_notified_with_its_boleto(
+    session: Session, billing_gateway: Any
+) -> None:
+    seed_plans(session)
+    subscription = annual_subscription(session, 1, method="boleto", renewal=date(2028, 3, 10))
+    session.commit()
+    day = date(2028, 3, 3)  # T − 7: the boleto is issued
+    while day <= date(2028, 3, 15):  # overdue on the 11th, suspended three business days later
+        run_day(session, billing_gateway, day, noon(day), runtime().config)
+        day += timedelta(days=1)
+
+    session.refresh(subscription)
+    assert subscription.status == "suspended"
+    boleto = session.scalars(select(Boleto)).one()
+    notice = session.scalars(select(Notification).where(Notification.kind == "subscription_suspended")).one()
+    assert notice.context["digitable_line"] == boleto.digitable_line
+    assert notice.context["boleto_due_date"] == "2028-03-10"
+    text = render(notice, "Acme Ltda").text
+    assert "Linha digitável:\n" + boleto.digitable_line in text and "Vencimento do boleto: 10/03/2028" in text
 
 
 # --- delivery, as plain functions ------------------------------------------------------------------

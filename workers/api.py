@@ -1,4 +1,4 @@
-"""The HTTP API: change requests and subscriptions for the main application (Bearer API keys),
+"""The HTTP API: change requests, subscriptions and plan prices for the main application (Bearer API keys),
 gateway webhooks (signed), and a health check for operations."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import hmac
 import json
 from collections.abc import Callable, Coroutine, Iterator
 from datetime import UTC, date, datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, FastAPI, Header, HTTPException, Request, Response, status
 from fastapi.exceptions import RequestValidationError
@@ -21,6 +21,9 @@ from sqlalchemy.orm import Session
 from gateways.webhooks import InvalidSignature, verify
 from jobs.contract import ChangeRequestIn, describe_field_errors, field_errors
 from workers.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from jobs.plans import PlanError
 
 
 def get_session() -> Iterator[Session]:
@@ -446,6 +449,39 @@ def post_change_request(
     return _change_request_out(request)
 
 
+class PreviewOut(BaseModel):
+    outcome: Literal["applied", "charge", "wait", "rejected"] = Field(
+        description="applied: would apply at once; charge: would apply once the card charge of "
+        "`charge_now_cents` succeeds; wait: a charge of the subscription is in flight, the request would "
+        "wait for it; rejected: see `error`"
+    )
+    kind: str
+    on: date = Field(description="The business date (D) the preview was priced on")
+    result: dict[str, Any] | None = Field(None, description="What the request would record as its result")
+    charge_now_cents: int | None = None
+    boleto_issued_now: bool | None = None
+    message: str | None = None
+    error: ErrorDetail | None = None
+
+
+@contract.post(
+    "/change-requests/preview",
+    response_model=PreviewOut,
+    response_model_exclude_none=True,
+    tags=["change requests"],
+)
+def preview_change_request(body: Annotated[ChangeRequestIn, Body()], session: SessionDep) -> PreviewOut:
+    """What the change request would do today (the same body, no Idempotency-Key), without doing it.
+
+    The same rules and pricing decide it as a real request, then everything is rolled back: nothing
+    is recorded, charged, issued or sent. A refusal is answered 200 with `outcome: rejected`.
+    """
+    from jobs.changes import preview_change_request as preview
+    from jobs.context import runtime
+
+    return PreviewOut.model_validate(preview(session, body, now=datetime.now(UTC), config=runtime().config))
+
+
 @contract.get(
     "/change-requests/{change_request_id}",
     response_model=ChangeRequestOut,
@@ -525,6 +561,161 @@ def get_subscription(subscription_id: int, session: SessionDep) -> SubscriptionO
     )
 
 
+# --- plan prices ---------------------------------------------------------------------------------
+
+
+class PlanPricesIn(BaseModel):
+    """New prices for a product from a date on. Either price may be left out to change only that
+    cycle, but not both. Money is integer cents of BRL."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    monthly_cents: StrictInt | None = Field(None, description="Monthly price in cents (≥ 0)", examples=[4990])
+    annual_cents: StrictInt | None = Field(None, description="Annual price in cents (≥ 0)", examples=[47900])
+    effective_from: date | None = Field(
+        None,
+        description="First day the prices apply, YYYY-MM-DD: today (the default) or later, never before",
+        examples=["2027-01-01"],
+    )
+    reason: Annotated[str, StringConstraints(max_length=500)] = Field("", description="Why (kept in the audit log)")
+
+    @field_validator("effective_from", mode="before")
+    @classmethod
+    def _iso_date(cls, value: object) -> object:
+        from jobs.plans import parse_iso_date
+
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise ValueError("deve ser uma data AAAA-MM-DD")
+        try:
+            return parse_iso_date(value)
+        except ValueError:
+            raise ValueError("deve ser uma data AAAA-MM-DD") from None
+
+
+class ScheduledPriceOut(BaseModel):
+    effective_from: date
+    price_cents: int
+
+
+class PlanPriceOut(BaseModel):
+    product: str
+    cycle: str = Field(examples=["monthly"])
+    currency: str = Field(examples=["BRL"])
+    price_cents: int | None = Field(description="in force on `on`; null when the product only has future prices")
+    effective_from: date | None = Field(description="since when the price in force applies")
+    scheduled: list[ScheduledPriceOut] = Field(description="prices that take over after `on`, soonest first")
+
+
+class PriceListOut(BaseModel):
+    on: date = Field(description="the business date the prices are in force on (today)")
+    prices: list[PlanPriceOut]
+
+
+def _business_today(settings: Settings) -> date:
+    from models.calendar import local_today
+
+    return local_today(datetime.now(UTC), settings.billing_timezone)
+
+
+def _price_list_out(session: Session, product: str | None, on: date) -> PriceListOut:
+    from jobs.plans import price_list
+
+    return PriceListOut(
+        on=on,
+        prices=[
+            PlanPriceOut(
+                product=row.product,
+                cycle=row.cycle,
+                currency=row.currency,
+                price_cents=row.price_cents,
+                effective_from=row.effective_from,
+                scheduled=[
+                    ScheduledPriceOut(effective_from=change.effective_from, price_cents=change.price_cents)
+                    for change in row.scheduled
+                ],
+            )
+            for row in price_list(session, product, on=on)
+        ],
+    )
+
+
+def _plan_invalid(exc: PlanError) -> HTTPException:
+    """A `jobs.plans.PlanError` as Renova's 422 body, naming the fields at fault."""
+    detail: dict[str, Any] = {
+        "code": exc.code,
+        "message": exc.message,
+        "fields": [{"field": name, "code": exc.code, "message": exc.message} for name in exc.fields],
+    }
+    if exc.details:
+        detail["details"] = exc.details
+    return HTTPException(422, detail=detail)
+
+
+def _unknown_product(product: str) -> HTTPException:
+    return HTTPException(
+        status.HTTP_404_NOT_FOUND,
+        detail={"code": "unknown_product", "message": f"Nenhum preço cadastrado para o produto {product!r}."},
+    )
+
+
+@contract.put(
+    "/plans/{product}",
+    response_model=PriceListOut,
+    tags=["plans"],
+    responses={
+        422: {
+            "model": ErrorBody,
+            "description": "invalid_request, invalid_product, invalid_price, "
+            "price_required or retroactive_price (a date before today); nothing is written",
+        }
+    },
+)
+def put_plan_prices(
+    product: str, body: PlanPricesIn, session: SessionDep, settings: Settings = Depends(get_settings)
+) -> PriceListOut:
+    """Set a product's prices from `effective_from` on (default today; never retroactively).
+
+    Each subscription pays the new price from its next renewal on or after that date (an invoice
+    already issued keeps its amount); the annual renewal notice, 30 days ahead, shows the new price.
+    Setting prices again for the same date replaces them. Answers the product's price list."""
+    from jobs.plans import PlanError, set_prices
+
+    today = _business_today(settings)
+    try:
+        set_prices(
+            session,
+            product,
+            monthly_cents=body.monthly_cents,
+            annual_cents=body.annual_cents,
+            effective_from=body.effective_from or today,
+            today=today,
+            actor="api",
+            reason=body.reason,
+        )
+    except PlanError as exc:
+        session.rollback()
+        raise _plan_invalid(exc) from None
+    session.commit()
+    return _price_list_out(session, product, today)
+
+
+@contract.get("/plans", response_model=PriceListOut, tags=["plans"])
+def get_plans(session: SessionDep, settings: Settings = Depends(get_settings)) -> PriceListOut:
+    """Every product's prices in force today, per billing cycle, and the changes scheduled after today."""
+    return _price_list_out(session, None, _business_today(settings))
+
+
+@contract.get("/plans/{product}", response_model=PriceListOut, tags=["plans"], responses={404: {"model": ErrorBody}})
+def get_plan(product: str, session: SessionDep, settings: Settings = Depends(get_settings)) -> PriceListOut:
+    """A product's prices in force today, per billing cycle, and the changes scheduled after today."""
+    prices = _price_list_out(session, product, _business_today(settings))
+    if not prices.prices:
+        raise _unknown_product(product)
+    return prices
+
+
 v1.include_router(contract)
 
 
@@ -534,7 +725,7 @@ def create_app() -> FastAPI:
     app = FastAPI(
         title="Renova",
         version="1",
-        description="Subscription billing for CONECTA: change requests, subscriptions, gateway webhooks.",
+        description="Subscription billing for CONECTA: change requests, subscriptions, plan prices, gateway webhooks.",
     )
 
     @app.get("/healthz", include_in_schema=False)

@@ -6,13 +6,18 @@ import os
 import sys
 import time
 import uuid
+from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from workers.settings import SettingsError, get_settings
+
+if TYPE_CHECKING:
+    from jobs.plans import PlanError, PriceRow
 
 app = typer.Typer(no_args_is_help=True, help="Renova — subscription billing workers for CONECTA.")
 db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic migrations).")
@@ -21,6 +26,13 @@ app.add_typer(db_app, name="db")
 app.add_typer(stack_app, name="stack")
 dead_app = typer.Typer(no_args_is_help=True, help="Messages that failed for good (Dramatiq's dead-letter queues).")
 app.add_typer(dead_app, name="dead-letters")
+plans_app = typer.Typer(no_args_is_help=True, help="Plan prices: what each product costs per billing cycle.")
+app.add_typer(plans_app, name="plans")
+
+refunds_app = typer.Typer(no_args_is_help=True, help="Refunds of ended subscriptions' balances (on-call).")
+app.add_typer(refunds_app, name="refunds")
+ledger_app = typer.Typer(no_args_is_help=True, help="Proofs that no money was kept or lost.")
+app.add_typer(ledger_app, name="ledger")
 
 console = Console()
 
@@ -30,7 +42,7 @@ def wire() -> None:
     import workers.broker  # noqa: F401
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     console.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(code)
 
@@ -439,6 +451,116 @@ def dead_letters_requeue(
     console.print(f"requeued {len(requeued)} message(s)")
 
 
+# --- plan prices ---------------------------------------------------------------------------------
+
+# The command's option for each input `jobs.plans` names in its errors.
+_PLAN_OPTIONS = {
+    "product": "PRODUCT",
+    "monthly_cents": "--monthly",
+    "annual_cents": "--annual",
+    "effective_from": "--from",
+    "reason": "--reason",
+}
+
+
+def _business_today() -> date:
+    """Today's business date: the wall clock's date in the billing time zone (as `run-day`)."""
+    from models.calendar import local_today
+
+    return local_today(datetime.now(UTC), get_settings().billing_timezone)
+
+
+def _plan_error(exc: PlanError) -> NoReturn:
+    options = ", ".join(_PLAN_OPTIONS.get(name, name) for name in exc.fields)
+    fail(f"{options}: {exc.message}" if options else exc.message, code=2)
+
+
+def _print_prices(rows: list[PriceRow], on: date, title: str) -> None:
+    from models.money import format_brl
+
+    table = Table(title=f"{title} on {on.isoformat()}")
+    for column in ("product", "cycle", "price", "effective from", "scheduled changes"):
+        table.add_column(column, no_wrap=column != "scheduled changes")
+    for row in rows:
+        table.add_row(
+            row.product,
+            row.cycle,
+            format_brl(row.price_cents) if row.price_cents is not None else "—",
+            row.effective_from.isoformat() if row.effective_from else "—",
+            "\n".join(
+                f"{format_brl(change.price_cents)} from {change.effective_from.isoformat()}" for change in row.scheduled
+            )
+            or "—",
+        )
+    console.print(table)
+
+
+@plans_app.command("set")
+def plans_set(
+    product: str = typer.Argument(..., help="Product, e.g. conecta."),
+    monthly: str | None = typer.Option(None, help="Monthly price in reais: 49.90 or 49,90."),
+    annual: str | None = typer.Option(None, help="Annual price in reais: 479.00 or 479,00."),
+    effective_from: str | None = typer.Option(
+        None, "--from", help="First day the prices apply, YYYY-MM-DD (default today; never before today)."
+    ),
+    reason: str = typer.Option("", help="Why (kept in the audit log)."),
+    actor: str = typer.Option(os.environ.get("USER", "operator"), help="Who is setting the prices (audit log)."),
+) -> None:
+    """Set a product's prices from a date on. Each subscription pays the new price from its next
+    renewal on that date or later; invoices already issued keep their amount."""
+    from jobs.plans import PlanError, parse_iso_date, parse_reais, price_list, set_prices
+    from workers.db import get_session_factory
+
+    today = _business_today()
+    try:
+        monthly_cents = parse_reais(monthly, "monthly_cents") if monthly is not None else None
+        annual_cents = parse_reais(annual, "annual_cents") if annual is not None else None
+    except PlanError as exc:
+        _plan_error(exc)
+    if effective_from is None:
+        starts = today
+    else:
+        try:
+            starts = parse_iso_date(effective_from)
+        except ValueError:
+            fail(f"--from must be a date YYYY-MM-DD, got {effective_from!r}", code=2)
+    with get_session_factory()() as session:
+        try:
+            set_prices(
+                session,
+                product,
+                monthly_cents=monthly_cents,
+                annual_cents=annual_cents,
+                effective_from=starts,
+                today=today,
+                actor=actor,
+                reason=reason,
+            )
+        except PlanError as exc:
+            session.rollback()
+            _plan_error(exc)
+        session.commit()
+        rows = price_list(session, product, on=today)
+    console.print(f"prices of [bold]{product}[/] set from {starts.isoformat()}")
+    _print_prices(rows, today, f"Prices of {product}")
+
+
+@plans_app.command("list")
+def plans_list(product: str | None = typer.Option(None, help="Only this product.")) -> None:
+    """The price in force today for each product and cycle, and the changes scheduled after today."""
+    from jobs.plans import price_list
+    from workers.db import get_session_factory
+
+    today = _business_today()
+    with get_session_factory()() as session:
+        rows = price_list(session, product, on=today)
+    if not rows:
+        fail(
+            f"no prices for product {product!r}" if product else "no plan prices yet: set them with `renova plans set`"
+        )
+    _print_prices(rows, today, "Prices")
+
+
 @app.command()
 def gateway(
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
@@ -469,6 +591,107 @@ def gateway(
         webhook_secret=webhook_secret,
         api_key=api_key,
     )
+
+
+# --- refunds (on-call) ---------------------------------------------------------------------------
+
+
+@refunds_app.command("list")
+def refunds_list(
+    status: str | None = typer.Option(
+        None, help="Only refunds in this status: pending, unknown, succeeded, failed or paid."
+    ),
+) -> None:
+    """Refunds of ended subscriptions: card refunds (the gateway returns them) and payouts (on-call pays)."""
+    wire()
+    from jobs.refunds import list_refunds
+    from models.money import format_brl
+    from models.states import RefundStatus
+    from workers.db import get_session_factory
+
+    if status is not None and status not in {member.value for member in RefundStatus}:
+        fail(f"unknown status {status!r}; use one of {', '.join(member.value for member in RefundStatus)}", code=2)
+    table = Table("id", "subscription", "method", "amount", "status", "created", "reference / gateway", "reason")
+    with get_session_factory()() as session:
+        refunds = list_refunds(session, status=status)
+        for refund in refunds:
+            table.add_row(
+                str(refund.id),
+                str(refund.subscription_id),
+                refund.method,
+                format_brl(refund.amount_cents),
+                refund.status,
+                refund.created_at.strftime("%Y-%m-%d %H:%M"),
+                refund.reference or refund.gateway_id or refund.gateway_code or "",
+                refund.reason,
+            )
+    if not refunds:
+        console.print("no refunds" + (f" with status {status}" if status else ""))
+        return
+    console.print(table)
+
+
+@refunds_app.command("mark-paid")
+def refunds_mark_paid(
+    refund_id: int = typer.Argument(..., help="The payout's id (see `renova refunds list --status pending`)."),
+    reference: str = typer.Option(..., help="The bank transfer's reference (kept on the refund)."),
+    reason: str = typer.Option(..., help="Why / how it was paid (kept in the audit log)."),
+    actor: str = typer.Option(os.environ.get("USER", "operator"), help="Who paid it (audit log)."),
+) -> None:
+    """Close a pending payout that was paid by bank transfer; recorded in the audit log."""
+    wire()
+    from jobs.refunds import RefundActionRefused, mark_payout_paid
+    from models.money import format_brl
+    from workers.db import get_session_factory
+
+    with get_session_factory()() as session:
+        try:
+            refund = mark_payout_paid(
+                session, refund_id, reference=reference, reason=reason, actor=actor, now=datetime.now(UTC)
+            )
+        except RefundActionRefused as exc:
+            session.rollback()
+            fail(str(exc), code=2)
+        session.commit()
+        console.print(
+            f"refund {refund.id} ({format_brl(refund.amount_cents)}) marked paid, reference {refund.reference}"
+        )
+
+
+# --- ledger check --------------------------------------------------------------------------------
+
+
+@ledger_app.command("check")
+def ledger_check(
+    subscription: int | None = typer.Option(None, "--subscription", help="Only this subscription's id."),
+) -> None:
+    """Prove from the database that no money was kept or lost; exit 1 on any violation (read-only)."""
+    wire()
+    from jobs.ledger_check import check_ledger, subscriptions_checked
+    from workers.db import get_session_factory
+
+    with get_session_factory()() as session:
+        checked = subscriptions_checked(session, subscription)
+        if subscription is not None and not checked:
+            fail(f"no subscription {subscription}", code=2)
+        violations = check_ledger(session, subscription)
+    if not violations:
+        console.print(f"ledger check: {checked} subscriptions, no money kept or lost")
+        return
+    table = Table(title=f"Ledger check: {len(violations)} violation(s) in {checked} subscriptions")
+    for column in ("rule", "subscription", "invoice", "expected", "found", "message"):
+        table.add_column(column, overflow="fold", no_wrap=column in ("rule", "subscription", "invoice"))
+    for violation in violations:
+        table.add_row(
+            violation.rule,
+            str(violation.subscription_id or "—"),
+            str(violation.invoice_id or "—"),
+            str(violation.expected),
+            str(violation.found),
+            violation.message,
+        )
+    console.print(table)
+    raise typer.Exit(1)
 
 
 if __name__ == "__main__":
