@@ -135,17 +135,6 @@ ERROR_CODES: Final[dict[str, str]] = {
     NO_OPEN_BOLETO: "segunda via asked but the subscription has no open invoice payable by boleto",
 }
 
-# Ledger kinds that move the subscription's credit balance (`balance_cents` is their running sum).
-CREDIT_KINDS: Final = (
-    "proration_credit",
-    "credit_applied",
-    "credit_restored",
-    "payment_to_credit",
-    "unused_period_credit",
-    "refund",
-    "credit_granted",
-)
-
 # The names the notification templates know for each kind ("Solicitação de …").
 _NOTICE_KIND: Final = {
     "billing_cycle": "cycle_change",
@@ -382,8 +371,13 @@ def preview_change_request(session: Session, params: Any, *, now: datetime, conf
                 "assim que ele for concluído.",
             }
         result = dict(request.result or {})
-        result.pop("invoice_id", None)  # the invoice would get another id for real
-        outcome = "charge" if run.charges else "applied"
+        if params.kind in ("subscribe", "billing_cycle"):
+            # Rows this preview created (and rolled back): the real request gets other ids.
+            result.pop("invoice_id", None)
+            result.pop("subscription_id", None)
+        # A subscribe or cycle change applies only once its charge succeeds; a card update applies at
+        # once and retries past-due invoices with the new card (`charge_now_cents`).
+        outcome = "charge" if run.charges and params.kind in ("subscribe", "billing_cycle") else "applied"
         preview: dict[str, Any] = {"outcome": outcome, "kind": params.kind, "on": on.isoformat(), "result": result}
         if run.charges:
             preview["charge_now_cents"] = sum(item.request.amount_cents for item in run.charges)

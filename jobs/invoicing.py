@@ -298,8 +298,11 @@ def void_invoice(
             invoice_id=invoice.id,
             change_request_id=change_request_id,
         )
-    boleto = session.scalar(select(Boleto).where(Boleto.invoice_id == invoice.id).with_for_update())
-    if boleto is not None and boleto.status in (BoletoStatus.ISSUED, BoletoStatus.OVERDUE):
+    live = (BoletoStatus.ISSUED, BoletoStatus.OVERDUE)
+    boleto = session.scalar(
+        select(Boleto).where(Boleto.invoice_id == invoice.id, Boleto.status.in_(live)).with_for_update()
+    )
+    if boleto is not None:
         boleto.status = BoletoStatus.CANCELED
         return boleto.gateway_id
     return None

@@ -68,57 +68,81 @@ class Violation:
 
 # Each rule selects (rule, subscription_id, invoice_id, expected, found, facts): expected and found as
 # jsonb so that cents stay integers and dates/ranges stay text through one UNION; facts carries the
-# extra numbers the message explains. `__SUBSCRIPTIONS__` / `__ROWS__` are replaced by constant
-# scope conditions (never by input: the subscription id is a bound parameter).
+# extra numbers the message explains. The `__…__` markers are replaced by constant scope conditions
+# (never by input: the subscription id is a bound parameter).
+#
+# Shape, for speed on 100k subscriptions: the ledger is aggregated once per invoice and once per
+# subscription, the gateway's money once per invoice, and everything known about an invoice is joined
+# once into `invoice_facts`; each invoice rule is then a plain filter over it, never another join of
+# millions of rows.
 _CHECK_SQL: Final = """
 WITH
 subs AS (
     SELECT id, status, balance_cents, current_period_end FROM subscriptions WHERE __SUBSCRIPTIONS__
 ),
-invs AS (
-    SELECT id, subscription_id, status, amount_cents, discount_cents, total_cents, period_start, period_end, paid_on
-    FROM invoices WHERE __ROWS__
-),
-entries AS (
-    SELECT subscription_id, invoice_id, kind, amount_cents, details FROM ledger_entries WHERE __ROWS__
-),
 by_subscription AS (
     SELECT subscription_id,
-           coalesce(sum(amount_cents) FILTER (WHERE kind = ANY(:balance_kinds)), 0) AS balance,
-           coalesce(sum(amount_cents) FILTER (WHERE kind IN ('payment', 'payment_to_credit')), 0) AS received,
-           coalesce(-sum(amount_cents) FILTER (WHERE kind = 'refund'), 0) AS refunded
-    FROM entries GROUP BY subscription_id
+           sum(amount_cents) FILTER (WHERE kind = ANY(:balance_kinds)) AS balance,
+           sum(amount_cents) FILTER (WHERE kind IN ('payment', 'payment_to_credit')) AS received,
+           -sum(amount_cents) FILTER (WHERE kind = 'refund') AS refunded
+    FROM ledger_entries WHERE __ROWS__ GROUP BY subscription_id
 ),
 by_invoice AS (
     SELECT invoice_id,
            count(*) FILTER (WHERE kind = 'payment') AS payments,
            count(*) FILTER (WHERE kind = 'payment_to_credit') AS to_credit_entries,
-           coalesce(sum(amount_cents) FILTER (WHERE kind = 'payment'), 0) AS paid,
-           coalesce(sum(amount_cents) FILTER (WHERE kind = 'payment_to_credit'), 0) AS to_credit,
-           coalesce(-sum(amount_cents) FILTER (WHERE kind = 'credit_applied'), 0) AS credit_applied,
-           coalesce(sum(amount_cents) FILTER (WHERE kind = 'credit_restored'), 0) AS credit_restored,
-           coalesce(sum(amount_cents) FILTER (WHERE kind = 'unused_period_credit'), 0) AS unused,
+           sum(amount_cents) FILTER (WHERE kind = 'payment') AS paid,
+           sum(amount_cents) FILTER (WHERE kind = 'payment_to_credit') AS to_credit,
+           -sum(amount_cents) FILTER (WHERE kind = 'credit_applied') AS credit_applied,
+           sum(amount_cents) FILTER (WHERE kind = 'credit_restored') AS credit_restored,
+           sum(amount_cents) FILTER (WHERE kind = 'unused_period_credit') AS unused,
            count(*) FILTER (WHERE kind IN ('period_used', 'proration_credit')) AS proration_entries,
-           coalesce(-sum(amount_cents) FILTER (WHERE kind = 'period_used'), 0) AS used,
-           coalesce(sum(amount_cents) FILTER (WHERE kind = 'proration_credit'), 0) AS prorated,
+           -sum(amount_cents) FILTER (WHERE kind = 'period_used') AS used,
+           sum(amount_cents) FILTER (WHERE kind = 'proration_credit') AS prorated,
            -- A malformed date must not abort the whole check: such a period simply stays in use.
            min(CASE WHEN details ->> 'on' ~ '^[0-9]{4}-[0-9]{2}-[0-9]{2}$' THEN CAST(details ->> 'on' AS date) END)
                FILTER (WHERE kind = 'period_used') AS used_until
-    FROM entries WHERE invoice_id IS NOT NULL GROUP BY invoice_id
+    FROM ledger_entries WHERE invoice_id IS NOT NULL AND __ROWS__ GROUP BY invoice_id
 ),
-gateway_by_invoice AS (
-    SELECT invoice_id, count(*) AS successes, sum(cents) AS cents FROM (
-        SELECT c.invoice_id, c.amount_cents AS cents
-        FROM charges c JOIN invs i ON i.id = c.invoice_id WHERE c.status = 'succeeded'
-        UNION ALL
-        -- What the payer actually paid; rows from before that column existed hold the boleto's amount.
-        SELECT b.invoice_id, coalesce(b.paid_amount_cents, b.amount_cents)
-        FROM boletos b JOIN invs i ON i.id = b.invoice_id WHERE b.status = 'paid'
-    ) received GROUP BY invoice_id
+-- Money the gateway took, per invoice: succeeded charges, and paid boletos (what the payer actually
+-- paid; rows from before that column existed hold the boleto's amount). Aggregated per table rather
+-- than over a UNION, whose row count the planner cannot estimate.
+charges_by_invoice AS (
+    SELECT invoice_id, count(*) AS successes, sum(amount_cents) AS cents
+    FROM charges WHERE status = 'succeeded' AND __INVOICE_ROWS__ GROUP BY invoice_id
+),
+boletos_by_invoice AS (
+    SELECT invoice_id, count(*) AS successes, sum(coalesce(paid_amount_cents, amount_cents)) AS cents
+    FROM boletos WHERE status = 'paid' AND __INVOICE_ROWS__ GROUP BY invoice_id
+),
+invoice_facts AS (
+    SELECT i.id, i.subscription_id, i.status, i.amount_cents, i.total_cents, i.period_start, i.paid_on,
+           (l.invoice_id IS NOT NULL) AS has_entries,
+           (c.invoice_id IS NOT NULL OR b.invoice_id IS NOT NULL) AS has_gateway,
+           coalesce(l.payments, 0) AS payments,
+           coalesce(l.to_credit_entries, 0) AS to_credit_entries,
+           coalesce(l.paid, 0) AS paid,
+           coalesce(l.to_credit, 0) AS to_credit,
+           coalesce(l.credit_applied, 0) AS credit_applied,
+           coalesce(l.credit_restored, 0) AS credit_restored,
+           coalesce(l.unused, 0) AS unused,
+           coalesce(l.proration_entries, 0) AS proration_entries,
+           coalesce(l.used, 0) AS used,
+           coalesce(l.prorated, 0) AS prorated,
+           coalesce(c.successes, 0) + coalesce(b.successes, 0) AS successes,
+           coalesce(c.cents, 0) + coalesce(b.cents, 0) AS received,
+           -- A period left by a cycle change is in use only until the change date (period_used.details.on).
+           daterange(i.period_start,
+                     greatest(i.period_start, least(i.period_end, coalesce(l.used_until, i.period_end)))) AS in_use
+    FROM invoices i
+    LEFT JOIN by_invoice l ON l.invoice_id = i.id
+    LEFT JOIN charges_by_invoice c ON c.invoice_id = i.id
+    LEFT JOIN boletos_by_invoice b ON b.invoice_id = i.id
+    WHERE __ROWS__
 ),
 gateway_by_subscription AS (
-    SELECT i.subscription_id, sum(g.cents) AS cents, sum(g.successes) AS successes
-    FROM gateway_by_invoice g JOIN invs i ON i.id = g.invoice_id GROUP BY i.subscription_id
+    SELECT subscription_id, sum(received) AS cents, sum(successes) AS successes
+    FROM invoice_facts WHERE has_gateway GROUP BY subscription_id
 ),
 refunds_by_subscription AS (
     -- A failed card refund is replaced by a payout for the same money: only the others count.
@@ -129,24 +153,22 @@ card_refunds_by_charge AS (
     SELECT charge_id, min(subscription_id) AS subscription_id, sum(amount_cents) AS cents
     FROM refunds WHERE method = 'card' AND status <> 'failed' AND __ROWS__ GROUP BY charge_id
 ),
-in_use AS (
-    -- A period left by a cycle change is in use only until the change date (period_used.details.on).
-    SELECT i.id, i.subscription_id,
-           daterange(i.period_start,
-                     greatest(i.period_start, least(i.period_end, coalesce(l.used_until, i.period_end)))) AS period
-    FROM invs i LEFT JOIN by_invoice l ON l.invoice_id = i.id
-    WHERE i.status <> 'void'
-),
-ordered AS (
-    -- Sorted by start, an invoice overlaps an earlier one exactly when it starts before the latest
-    -- end among those earlier ones; that latest one (its end, then its id, packed to sort as text)
-    -- is the invoice it overlaps. O(n log n) per subscription instead of comparing every pair.
-    SELECT id, subscription_id, period,
-           max(to_char(upper(period), 'YYYYMMDD') || ':' || id) OVER (
-               PARTITION BY subscription_id ORDER BY lower(period), id
-               ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING
-           ) AS latest_earlier
-    FROM in_use WHERE NOT isempty(period)
+overlapping AS (
+    -- Sorted by start, an invoice overlaps an earlier one exactly when it starts before the latest end
+    -- among those; that latest one is the invoice it overlaps. Its end (days since 1900) and its id
+    -- (below 10^13) are packed into one bigint so that a single running max finds both: O(n log n) per
+    -- subscription instead of comparing every pair of invoices.
+    SELECT id, subscription_id, in_use, latest_earlier / 10000000000000 AS other_end_day,
+           latest_earlier % 10000000000000 AS other_id
+    FROM (
+        SELECT id, subscription_id, in_use,
+               max(CAST(upper(in_use) - DATE '1900-01-01' AS bigint) * 10000000000000 + id) OVER (
+                   PARTITION BY subscription_id ORDER BY lower(in_use), id
+                   ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING
+               ) AS latest_earlier
+        FROM invoice_facts WHERE status <> 'void' AND NOT isempty(in_use)
+    ) ordered
+    WHERE lower(in_use) - DATE '1900-01-01' < latest_earlier / 10000000000000
 )
 
 SELECT 'balance' AS rule, s.id AS subscription_id, NULL::bigint AS invoice_id,
@@ -163,51 +185,42 @@ WHERE s.status = 'canceled' AND s.balance_cents <> 0
 UNION ALL
 SELECT 'ended_open_invoice', s.id, i.id, to_jsonb('void'::text), to_jsonb(i.status),
        jsonb_build_object('total', i.total_cents)
-FROM invs i JOIN subs s ON s.id = i.subscription_id
+FROM invoice_facts i JOIN subs s ON s.id = i.subscription_id
 WHERE s.status = 'canceled' AND i.status = 'open'
 
 UNION ALL
-SELECT 'paid_invoice', i.subscription_id, i.id, to_jsonb(i.amount_cents),
-       to_jsonb(coalesce(l.paid, 0) + coalesce(l.credit_applied, 0)),
-       jsonb_build_object('paid', coalesce(l.paid, 0), 'credit', coalesce(l.credit_applied, 0))
-FROM invs i LEFT JOIN by_invoice l ON l.invoice_id = i.id
-WHERE i.status = 'paid' AND coalesce(l.paid, 0) + coalesce(l.credit_applied, 0) <> i.amount_cents
+SELECT 'paid_invoice', subscription_id, id, to_jsonb(amount_cents), to_jsonb(paid + credit_applied),
+       jsonb_build_object('paid', paid, 'credit', credit_applied)
+FROM invoice_facts
+WHERE status = 'paid' AND paid + credit_applied <> amount_cents
 
 UNION ALL
 -- A voided invoice that had been paid (by money, or entirely by credit: then only paid_on tells)
 -- gives its whole amount back to the balance.
-SELECT 'voided_paid_invoice', i.subscription_id, i.id, to_jsonb(i.amount_cents), to_jsonb(coalesce(l.unused, 0)),
-       jsonb_build_object('paid', coalesce(l.paid, 0), 'credit', coalesce(l.credit_applied, 0))
-FROM invs i LEFT JOIN by_invoice l ON l.invoice_id = i.id
-WHERE i.status = 'void' AND (coalesce(l.payments, 0) > 0 OR i.paid_on IS NOT NULL)
-  AND coalesce(l.unused, 0) <> i.amount_cents
+SELECT 'voided_paid_invoice', subscription_id, id, to_jsonb(amount_cents), to_jsonb(unused),
+       jsonb_build_object('paid', paid, 'credit', credit_applied)
+FROM invoice_facts
+WHERE status = 'void' AND (payments > 0 OR paid_on IS NOT NULL) AND unused <> amount_cents
 
 UNION ALL
 -- A voided invoice that was never paid gives back the credit that had been applied to it.
-SELECT 'voided_invoice_credit', i.subscription_id, i.id, to_jsonb(coalesce(l.credit_applied, 0)),
-       to_jsonb(coalesce(l.credit_restored, 0) + coalesce(l.unused, 0)), NULL
-FROM invs i JOIN by_invoice l ON l.invoice_id = i.id
-WHERE i.status = 'void' AND l.payments = 0 AND i.paid_on IS NULL
-  AND l.credit_restored + l.unused <> l.credit_applied
+SELECT 'voided_invoice_credit', subscription_id, id, to_jsonb(credit_applied), to_jsonb(credit_restored + unused), NULL
+FROM invoice_facts
+WHERE status = 'void' AND payments = 0 AND paid_on IS NULL AND credit_restored + unused <> credit_applied
 
 UNION ALL
-SELECT 'paid_twice', i.subscription_id, i.id, to_jsonb(1), to_jsonb(l.payments), jsonb_build_object('case', 'entries')
-FROM invs i JOIN by_invoice l ON l.invoice_id = i.id
-WHERE l.payments > 1
+SELECT 'paid_twice', subscription_id, id, to_jsonb(1), to_jsonb(payments), jsonb_build_object('case', 'entries')
+FROM invoice_facts
+WHERE payments > 1
 
 UNION ALL
 -- Money the gateway took for an invoice (each succeeded charge, each paid boleto) must all be in the
 -- ledger against it, as its payment or as credit. Compared in cents, not in entries: an overpaid
 -- boleto is one gateway payment recorded as `payment` plus `payment_to_credit` for the excess.
-SELECT 'paid_twice', i.subscription_id, i.id, to_jsonb(coalesce(g.cents, 0)),
-       to_jsonb(coalesce(l.paid, 0) + coalesce(l.to_credit, 0)),
-       jsonb_build_object('case', 'gateway', 'successes', coalesce(g.successes, 0),
-                          'entries', coalesce(l.payments, 0) + coalesce(l.to_credit_entries, 0))
-FROM invs i
-LEFT JOIN gateway_by_invoice g ON g.invoice_id = i.id
-LEFT JOIN by_invoice l ON l.invoice_id = i.id
-WHERE (g.invoice_id IS NOT NULL OR l.invoice_id IS NOT NULL)
-  AND coalesce(g.cents, 0) <> coalesce(l.paid, 0) + coalesce(l.to_credit, 0)
+SELECT 'paid_twice', subscription_id, id, to_jsonb(received), to_jsonb(paid + to_credit),
+       jsonb_build_object('case', 'gateway', 'successes', successes, 'entries', payments + to_credit_entries)
+FROM invoice_facts
+WHERE (has_gateway OR has_entries) AND received <> paid + to_credit
 
 UNION ALL
 SELECT 'money_received', s.id, NULL, to_jsonb(coalesce(g.cents, 0)), to_jsonb(coalesce(b.received, 0)),
@@ -234,18 +247,17 @@ FROM card_refunds_by_charge r JOIN charges c ON c.id = r.charge_id
 WHERE r.cents > CASE WHEN c.status = 'succeeded' THEN c.amount_cents ELSE 0 END
 
 UNION ALL
-SELECT 'proration', i.subscription_id, i.id, to_jsonb(i.amount_cents), to_jsonb(l.used + l.prorated),
-       jsonb_build_object('used', l.used, 'credit', l.prorated)
-FROM invs i JOIN by_invoice l ON l.invoice_id = i.id
-WHERE l.proration_entries > 0 AND l.used + l.prorated <> i.amount_cents
+SELECT 'proration', subscription_id, id, to_jsonb(amount_cents), to_jsonb(used + prorated),
+       jsonb_build_object('used', used, 'credit', prorated)
+FROM invoice_facts
+WHERE proration_entries > 0 AND used + prorated <> amount_cents
 
 UNION ALL
 SELECT 'overlap', o.subscription_id, o.id,
-       to_jsonb(format('[%s, %s)', lower(e.period), upper(e.period))),
-       to_jsonb(format('[%s, %s)', lower(o.period), upper(o.period))),
-       jsonb_build_object('other_invoice_id', e.id)
-FROM ordered o JOIN in_use e ON e.id = CAST(split_part(o.latest_earlier, ':', 2) AS bigint)
-WHERE o.latest_earlier IS NOT NULL AND lower(o.period) < upper(e.period)
+       to_jsonb(format('[%s, %s)', e.period_start, DATE '1900-01-01' + CAST(o.other_end_day AS integer))),
+       to_jsonb(format('[%s, %s)', lower(o.in_use), upper(o.in_use))),
+       jsonb_build_object('other_invoice_id', o.other_id)
+FROM overlapping o JOIN invoices e ON e.id = o.other_id
 
 UNION ALL
 -- A live subscription may hold its next period paid ahead (a renewal boleto paid before T starts
@@ -254,7 +266,7 @@ UNION ALL
 SELECT 'unused_period', s.id, i.id,
        to_jsonb(CAST(s.current_period_end AS text)), to_jsonb(CAST(i.period_start AS text)),
        jsonb_build_object('status', s.status, 'amount', i.amount_cents)
-FROM invs i JOIN subs s ON s.id = i.subscription_id
+FROM invoice_facts i JOIN subs s ON s.id = i.subscription_id
 WHERE i.status = 'paid'
   AND CASE WHEN s.status = 'canceled' THEN i.period_start >= s.current_period_end
            ELSE i.period_start > s.current_period_end END
@@ -262,10 +274,18 @@ WHERE i.status = 'paid'
 
 
 def _sql(subscription_id: int | None) -> str:
-    scoped = subscription_id is not None
-    return _CHECK_SQL.replace("__SUBSCRIPTIONS__", "id = :subscription_id" if scoped else "TRUE").replace(
-        "__ROWS__", "subscription_id = :subscription_id" if scoped else "TRUE"
-    )
+    if subscription_id is None:
+        scopes = {"__SUBSCRIPTIONS__": "TRUE", "__ROWS__": "TRUE", "__INVOICE_ROWS__": "TRUE"}
+    else:
+        scopes = {
+            "__SUBSCRIPTIONS__": "id = :subscription_id",
+            "__ROWS__": "subscription_id = :subscription_id",
+            "__INVOICE_ROWS__": "invoice_id IN (SELECT id FROM invoices WHERE subscription_id = :subscription_id)",
+        }
+    sql = _CHECK_SQL
+    for marker, condition in scopes.items():
+        sql = sql.replace(marker, condition)
+    return sql
 
 
 def check_ledger(session: Session, subscription_id: int | None = None) -> list[Violation]:

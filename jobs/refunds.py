@@ -64,6 +64,7 @@ def end_subscription(session: Session, subscription: Subscription, *, ended_on: 
     subscription.canceled_at = now
     subscription.pending_payment_method = None
     boletos_to_cancel: list[str] = []
+    voided: list[int] = []
     invoices = session.scalars(
         select(Invoice)
         .where(
@@ -75,6 +76,7 @@ def end_subscription(session: Session, subscription: Subscription, *, ended_on: 
     ).all()
     for invoice in invoices:
         if invoice.status == InvoiceStatus.OPEN:
+            voided.append(invoice.id)
             gateway_id = void_invoice(
                 session, subscription, invoice, description="Fatura anulada: assinatura encerrada"
             )
@@ -90,7 +92,11 @@ def end_subscription(session: Session, subscription: Subscription, *, ended_on: 
         subscription_id=subscription.id,
         kind="subscription_canceled",
         dedupe_key=f"subscription_canceled:{subscription.id}",
-        context={"ended_on": ended_on.isoformat()},
+        context={
+            "ended_on": ended_on.isoformat(),
+            "voided_invoice_ids": voided,
+            "credit_cents": max(subscription.balance_cents, 0),
+        },
     )
     refund_balance(session, subscription, now=now)
     return boletos_to_cancel

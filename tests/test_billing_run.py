@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from datetime import date, timedelta
 
+import pytest
 from sqlalchemy import func, select
 
 from jobs.billing_day import run_day
 from jobs.context import runtime
 from models.schema import Boleto, Charge, Invoice, Notification, Subscription
 from tests.factories import ANNUAL_PRICE, MONTHLY_PRICE, make_organization, make_subscription, noon, seed_plans
+
+pytestmark = pytest.mark.usefixtures("ledger_checked")
 
 
 def days(start: date, end: date):
@@ -155,7 +158,10 @@ def test_annual_boleto_paid_late_is_suspended_then_reactivated(session, billing_
     session.refresh(subscription)
     assert subscription.status == "active"
     # Suspended since the 15th: the year paid starts on the payment date, which becomes the anchor.
-    assert (subscription.current_period_start, subscription.current_period_end) == (date(2028, 3, 20), date(2029, 3, 20))
+    assert (subscription.current_period_start, subscription.current_period_end) == (
+        date(2028, 3, 20),
+        date(2029, 3, 20),
+    )
     assert subscription.billing_anchor == date(2028, 3, 20)
     assert kinds(session) == [
         "boleto_issued",
@@ -479,6 +485,12 @@ def test_plain_card_renewals_are_handled_as_a_set_and_the_rest_one_by_one(sessio
     assert partly_credited.balance_cents == 0
     from models.schema import LedgerEntry
 
-    credit = session.scalars(select(LedgerEntry).where(LedgerEntry.subscription_id == partly_credited.id)).one()
+    credit = session.scalars(
+        select(LedgerEntry).where(
+            LedgerEntry.subscription_id == partly_credited.id,
+            LedgerEntry.kind == "credit_applied",
+            LedgerEntry.invoice_id.in_(select(Invoice.id).where(Invoice.period_start == on)),
+        )
+    ).one()
     assert (credit.kind, credit.amount_cents) == ("credit_applied", -1_000)
     assert renew_many(session, ids, work) == ids  # a duplicate finds nothing left to renew as a set

@@ -18,7 +18,6 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from jobs.changes import (
-    CREDIT_KINDS,
     IdempotencyKeyReused,
     UnrecordableChangeRequest,
     change_date,
@@ -30,6 +29,7 @@ from jobs.changes import (
 )
 from jobs.context import BillingConfig, runtime
 from jobs.invoicing import create_renewal_invoice
+from jobs.ledger_check import BALANCE_KINDS
 from jobs.payments import cancel_boleto_at, issue_boleto, reconcile_charge
 from models.calendar import add_cycle, local_today
 from models.schema import (
@@ -49,6 +49,7 @@ from tests.factories import ANNUAL_PRICE, FACTORY_SOURCE, make_organization, mak
 from workers.db import get_session_factory
 
 CONFIG = BillingConfig()
+pytestmark = pytest.mark.usefixtures("ledger_checked")
 OWNER, FINANCIAL, PLAIN_MEMBER = 101, 102, 103
 ADMIN, INACTIVE_ADMIN, FORMER_FINANCIAL = 104, 105, 106
 
@@ -148,7 +149,7 @@ def money_ledger(session: Session, subscription_id: int) -> list[tuple[str, int,
 def assert_balance_matches_ledger(session: Session, subscription: Subscription, opening_balance: int = 0) -> None:
     """The credit balance is the running sum of the credit entries."""
     session.refresh(subscription)
-    credit = sum(amount for kind, amount, _ in ledger_of(session, subscription.id) if kind in CREDIT_KINDS)
+    credit = sum(amount for kind, amount, _ in ledger_of(session, subscription.id) if kind in BALANCE_KINDS)
     assert subscription.balance_cents == opening_balance + credit
 
 

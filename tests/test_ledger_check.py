@@ -179,7 +179,7 @@ def test_a_renewal_through_the_daily_run_is_consistent(session, billing_gateway)
         )
         == "paid"
     )
-    # The annual boleto renewal (T = 2027-04-12) was issued on T − 7 and is still open: also consistent.
+    # The annual boleto renewal (T = 2027-04-12, so T − 7 has passed) is issued and still open: consistent too.
     assert (
         session.scalar(
             select(Invoice.status).where(Invoice.subscription_id == boleto_subscription.id, Invoice.kind == "renewal")
@@ -442,6 +442,7 @@ def test_violations_are_frozen():
 # --- CLI ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.ledger_unchecked("commits a broken balance on purpose, for the CLI to find")
 def test_cli_exits_1_and_shows_the_rule_on_a_bad_state(session):
     from tests.test_cli import renova
 

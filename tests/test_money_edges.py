@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from jobs.changes import process_request
-from jobs.payments import record_boleto_expired, record_boleto_payment, reconcile_charge
+from jobs.payments import reconcile_charge, record_boleto_expired, record_boleto_payment
 from jobs.refunds import execute_refund, mark_payout_paid
 from models.proration import quote_cycle_change
 from models.schema import AuditEvent, Boleto, ChangeRequest, Charge, Invoice, Notification, Refund, Subscription
@@ -22,7 +22,7 @@ from tests.factories import ANNUAL_PRICE, MONTHLY_PRICE, make_organization, make
 from tests.test_billing_run import travel
 from tests.test_changes import CONFIG, ledger_of, payload, setup_organization, submit, subscription_for
 
-# pytestmark = pytest.mark.usefixtures("ledger_checked")
+pytestmark = pytest.mark.usefixtures("ledger_checked")
 
 ANCHOR = date(2027, 3, 10)
 RENEWAL = date(2028, 3, 10)  # a Friday; the year before it has 366 days (Feb 29, 2028)
@@ -178,11 +178,18 @@ def test_cancel_after_the_renewal_boleto_was_paid_refunds_the_year(session, bill
     assert early.status == "void"
     # Boleto money cannot go back through the gateway: a payout for on-call, announced to the payers.
     (refund,) = refunds_of(session, subscription.id)
-    assert (refund.method, refund.status, refund.amount_cents, refund.charge_id) == ("payout", "pending", ANNUAL_PRICE, None)
+    assert (refund.method, refund.status, refund.amount_cents, refund.charge_id) == (
+        "payout",
+        "pending",
+        ANNUAL_PRICE,
+        None,
+    )
     entries = ledger_of(session, subscription.id)
     assert ("unused_period_credit", ANNUAL_PRICE, early.id) in entries
     assert ("refund", -ANNUAL_PRICE, None) in entries
     assert "refund_created" in kinds_of(session, subscription.id)
+    canceled = session.scalars(select(Notification).where(Notification.kind == "subscription_canceled")).one()
+    assert canceled.context["credit_cents"] == ANNUAL_PRICE  # "will be refunded", with the amount
 
     closed = mark_payout_paid(
         session, refund.id, reference="TED 123", reason="paid to the owner's account", actor="oncall", now=noon(RENEWAL)
@@ -256,7 +263,10 @@ def test_an_expired_boleto_gets_a_segunda_via_and_dunning_keeps_its_dates(sessio
     pay(session, sandbox_gateway, second, date(2028, 4, 25))
     session.refresh(subscription)
     assert subscription.status == "active"
-    assert (subscription.current_period_start, subscription.current_period_end) == (date(2028, 4, 25), date(2029, 4, 25))
+    assert (subscription.current_period_start, subscription.current_period_end) == (
+        date(2028, 4, 25),
+        date(2029, 4, 25),
+    )
 
 
 def test_a_member_asks_for_a_segunda_via(session, billing_gateway, sandbox_gateway):
@@ -311,6 +321,8 @@ def test_cancel_while_suspended_voids_the_debt_and_a_late_payment_is_refunded(
     assert (subscription.status, subscription.balance_cents) == ("canceled", 0)
     invoice = session.get_one(Invoice, boleto.invoice_id, populate_existing=True)
     assert invoice.status == "void"  # nothing is owed for a year never served
+    canceled = session.scalars(select(Notification).where(Notification.kind == "subscription_canceled")).one()
+    assert canceled.context["voided_invoice_ids"] == [invoice.id]
     assert boletos_of(session, subscription.id)[0].status == "canceled"
 
     # A year later the old boleto is paid anyway (the gateway had not cancelled it yet): refunded.
@@ -396,9 +408,7 @@ def test_a_boleto_issued_for_an_invoice_voided_meanwhile_is_cancelled_and_not_an
 def test_a_subscribe_boleto_paid_after_its_period_ended_starts_a_new_year(session, billing_gateway, sandbox_gateway):
     setup_organization(session, card_token=None)
     session.commit()
-    request = submit(
-        session, billing_gateway, payload("subscribe", cycle="annual", payment_method="boleto"), ANCHOR
-    )
+    request = submit(session, billing_gateway, payload("subscribe", cycle="annual", payment_method="boleto"), ANCHOR)
     assert request.status == "applied"
     subscription = session.get_one(Subscription, request.subscription_id)
     travel(session, billing_gateway, date(2027, 3, 20), date(2027, 3, 20))
@@ -461,7 +471,10 @@ def test_an_overpaid_boleto_leaves_the_difference_as_credit(session, billing_gat
     travel(session, billing_gateway, RENEWAL - timedelta(days=7), RENEWAL - timedelta(days=7))
     (boleto,) = boletos_of(session, subscription.id)
 
-    assert pay(session, sandbox_gateway, boleto, RENEWAL - timedelta(days=1), amount_cents=ANNUAL_PRICE + 1_000) == "paid_over"
+    assert (
+        pay(session, sandbox_gateway, boleto, RENEWAL - timedelta(days=1), amount_cents=ANNUAL_PRICE + 1_000)
+        == "paid_over"
+    )
 
     session.refresh(subscription)
     assert subscription.balance_cents == 1_000
@@ -540,9 +553,7 @@ def test_a_card_refund_the_gateway_refuses_becomes_a_payout(session, billing_gat
     refused, payout = refunds_of(session, subscription_id)
     assert (refused.status, refused.gateway_code) == ("failed", "charge_not_found")
     assert (payout.method, payout.status, payout.amount_cents) == ("payout", "pending", refused.amount_cents)
-    assert session.scalar(
-        select(Notification.id).where(Notification.dedupe_key == f"refund_created:{payout.id}")
-    )
+    assert session.scalar(select(Notification.id).where(Notification.dedupe_key == f"refund_created:{payout.id}"))
 
 
 # --- preview ---------------------------------------------------------------------------------------------------
@@ -583,7 +594,15 @@ def test_oncall_lists_and_closes_a_payout_from_the_command_line(session, billing
     assert bad_status.returncode == 2 and "unknown status" in bad_status.stdout
 
     closed = renova(
-        "refunds", "mark-paid", str(refund.id), "--reference", "PIX E123", "--reason", "paid to the owner", "--actor", "ana"
+        "refunds",
+        "mark-paid",
+        str(refund.id),
+        "--reference",
+        "PIX E123",
+        "--reason",
+        "paid to the owner",
+        "--actor",
+        "ana",
     )
     assert closed.returncode == 0, closed.stdout + closed.stderr
     session.refresh(refund)

@@ -42,7 +42,11 @@ def test_a_cycle_change_preview_is_the_quote_the_request_then_applies(session, w
     assert (preview["outcome"], preview["kind"], preview["on"]) == ("charge", "billing_cycle", today().isoformat())
     assert preview["charge_now_cents"] == ANNUAL_PRICE - 2000
     quote = preview["result"]
-    assert (quote["credit_cents"], quote["amount_due_cents"], quote["payment_method"]) == (2000, ANNUAL_PRICE - 2000, "card")
+    assert (quote["credit_cents"], quote["amount_due_cents"], quote["payment_method"]) == (
+        2000,
+        ANNUAL_PRICE - 2000,
+        "card",
+    )
     assert counts(session) == before  # nothing recorded, charged or sent
 
     applied = change(client, "api", body)["result"]

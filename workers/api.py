@@ -513,7 +513,8 @@ def get_subscription(subscription_id: int, session: SessionDep) -> SubscriptionO
         raise _not_found("Assinatura")
     rows = session.execute(
         select(Invoice, Boleto)
-        .outerjoin(Boleto, Boleto.invoice_id == Invoice.id)
+        # The boleto to pay: the live one (an expired or replaced one is history).
+        .outerjoin(Boleto, (Boleto.invoice_id == Invoice.id) & Boleto.status.in_(["issued", "overdue"]))
         .where(Invoice.subscription_id == subscription.id, Invoice.status == "open")
         .order_by(Invoice.due_date, Invoice.id)
     ).all()
