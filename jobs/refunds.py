@@ -225,6 +225,10 @@ def _record_refund(session: Session, subscription: Subscription, refund: Refund)
     subscription.balance_cents -= refund.amount_cents
     description = "Estorno no cartão" if refund.method == RefundMethod.CARD else "Devolução por transferência"
     ledger(session, subscription, "refund", -refund.amount_cents, description, refund_id=refund.id)
+    _notify_refund(session, subscription, refund)
+
+
+def _notify_refund(session: Session, subscription: Subscription, refund: Refund) -> None:
     card_last4 = (
         session.scalar(select(Charge.card_last4).where(Charge.id == refund.charge_id)) if refund.charge_id else None
     )
@@ -299,19 +303,7 @@ def _replace_by_payout(session: Session, refused: Refund) -> None:
     session.add(payout)
     session.flush()
     logger.warning("card refund %s refused (%s); replaced by payout %s", refused.id, refused.gateway_code, payout.id)
-    notify(
-        session,
-        organization_id=subscription.organization_id,
-        subscription_id=subscription.id,
-        kind="refund_created",
-        dedupe_key=f"refund_created:{payout.id}",
-        context={
-            "amount_cents": payout.amount_cents,
-            "method": payout.method,
-            "card_last4": "",
-            "subscription_id": subscription.id,
-        },
-    )
+    _notify_refund(session, subscription, payout)
 
 
 def stale_refund_ids(session: Session, now: datetime, older_than: timedelta = STALE_REFUND) -> list[int]:

@@ -556,6 +556,24 @@ def test_a_card_refund_the_gateway_refuses_becomes_a_payout(session, billing_gat
     assert session.scalar(select(Notification.id).where(Notification.dedupe_key == f"refund_created:{payout.id}"))
 
 
+def test_a_card_refund_whose_answer_is_lost_is_asked_again_never_refunded_twice(
+    session, billing_gateway, sandbox_gateway
+):
+    from jobs.refunds import stale_refund_ids
+
+    subscription_id, ends_on = ended_with_card_credit(session, billing_gateway)
+    travel(session, billing_gateway, ends_on, ends_on)
+    (refund,) = refunds_of(session, subscription_id)
+
+    with sandbox_gateway.configured(timeout_rate=1.0, stall_ms=3000):  # refunded, then the answer is lost
+        assert execute_refund(session, billing_gateway, refund.id, now=noon(ends_on)) == "unknown"
+    assert stale_refund_ids(session, noon(ends_on) + timedelta(minutes=2)) == [refund.id]  # the tick's job
+    assert execute_refund(session, billing_gateway, refund.id, now=noon(ends_on)) == "succeeded"
+
+    assert [line["amount_cents"] for line in sandbox_gateway.ledger(idempotency_key=f"refund:{refund.id}")] == [-72]
+    assert stale_refund_ids(session, noon(ends_on) + timedelta(minutes=2)) == []
+
+
 # --- preview ---------------------------------------------------------------------------------------------------
 
 
