@@ -15,7 +15,7 @@ from datetime import date, datetime, time, timedelta
 from typing import Any
 
 import dramatiq
-from sqlalchemy import Select, and_, func, literal, select, update
+from sqlalchemy import Select, func, literal, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, aliased
 
@@ -28,8 +28,18 @@ from jobs.payments import LIVE_BOLETO, reconcile_charges, unresolved_charge_ids
 from jobs.renewals import Work
 from jobs.retries import STANDARD
 from models.calendar import latest_due_run_date, local_today
+from models.dunning import latest_renewal_out_of_retries, overdue_on, suspend_on
 from models.schema import BillingRun, Boleto, Charge, GatewayEvent, Invoice, Notification, Subscription
-from models.states import BoletoStatus, ChargeStatus, Cycle, InvoiceKind, InvoiceStatus, PaymentMethod
+from models.states import (
+    BoletoStatus,
+    ChargeStatus,
+    Cycle,
+    InvoiceKind,
+    InvoiceStatus,
+    PaymentMethod,
+    RunStatus,
+    SubscriptionStatus,
+)
 
 jobs.require_broker()
 logger = logging.getLogger(__name__)
@@ -62,7 +72,6 @@ class Task:
 # --- scans -----------------------------------------------------------------------------------------
 
 aliased_boleto = aliased(Boleto)
-_billed = and_(Subscription.status != "canceled", Subscription.status != "suspended")
 
 
 def scan_boletos_to_issue(on: date, config: BillingConfig) -> Select[Any]:
@@ -77,8 +86,8 @@ def scan_boletos_to_issue(on: date, config: BillingConfig) -> Select[Any]:
         .exists()
     )
     due_renewals = select(Subscription.id).where(
-        Subscription.status != "canceled",
-        Subscription.status != "suspended",
+        Subscription.status != SubscriptionStatus.CANCELED,
+        Subscription.status != SubscriptionStatus.SUSPENDED,
         Subscription.cycle == Cycle.ANNUAL,
         func.coalesce(Subscription.pending_payment_method, Subscription.payment_method) == PaymentMethod.BOLETO,
         Subscription.cancel_at_period_end.is_(False),
@@ -97,9 +106,9 @@ def scan_boletos_to_issue(on: date, config: BillingConfig) -> Select[Any]:
 
 def scan_renewals(on: date, config: BillingConfig) -> Select[Any]:
     return select(Subscription.id).where(
-        Subscription.status != "canceled",
+        Subscription.status != SubscriptionStatus.CANCELED,
         Subscription.current_period_end <= on,
-        (Subscription.status != "suspended") | Subscription.cancel_at_period_end,
+        (Subscription.status != SubscriptionStatus.SUSPENDED) | Subscription.cancel_at_period_end,
     )
 
 
@@ -135,7 +144,7 @@ def keep_overdue(session: Session, ids: list[int], on: date, config: BillingConf
         select(Boleto.id, Invoice.due_date).join(Invoice, Invoice.id == Boleto.invoice_id).where(Boleto.id.in_(ids))
     ).all()
     due_dates = {boleto_id: due_date for boleto_id, due_date in rows}
-    return [boleto_id for boleto_id in ids if dunning.overdue_on(due_dates[boleto_id]) <= on]
+    return [boleto_id for boleto_id in ids if overdue_on(due_dates[boleto_id]) <= on]
 
 
 def scan_boleto_suspensions(on: date, config: BillingConfig) -> Select[Any]:
@@ -152,14 +161,14 @@ def keep_suspensions(session: Session, ids: list[int], on: date, config: Billing
         select(Boleto.id, Boleto.overdue_on, Invoice.status)
         .join(Invoice, Invoice.id == Boleto.invoice_id)
         .join(Subscription, Subscription.id == Invoice.subscription_id)
-        .where(Boleto.id.in_(ids), Subscription.status != "suspended")
+        .where(Boleto.id.in_(ids), Subscription.status != SubscriptionStatus.SUSPENDED)
     ).all()
     return [
         boleto_id
         for boleto_id, overdue_day, invoice_status in rows
         if invoice_status == InvoiceStatus.OPEN
         and overdue_day is not None
-        and dunning.suspend_on(overdue_day, config.boleto_grace_business_days) <= on
+        and suspend_on(overdue_day, config.boleto_grace_business_days) <= on
     ]
 
 
@@ -179,8 +188,8 @@ def scan_card_suspensions(on: date, config: BillingConfig) -> Select[Any]:
             Invoice.status == InvoiceStatus.OPEN,
             Invoice.method == PaymentMethod.CARD,
             Invoice.kind == InvoiceKind.RENEWAL,
-            Invoice.due_date <= on - timedelta(days=config.dunning_retry_days[-1]),
-            Subscription.status == "past_due",
+            Invoice.due_date <= latest_renewal_out_of_retries(on, config.dunning_retry_days),
+            Subscription.status == SubscriptionStatus.PAST_DUE,
             ~in_flight_or_scheduled,
         )
     )
@@ -206,8 +215,8 @@ def scan_renewal_notices(on: date, config: BillingConfig) -> Select[Any]:
     # No notice for a subscription that will not renew: canceled, ending, or suspended. The
     # `!= 'canceled'` predicate stays as written, so the partial index serves the scan.
     return select(Subscription.id).where(
-        Subscription.status != "canceled",
-        Subscription.status != "suspended",
+        Subscription.status != SubscriptionStatus.CANCELED,
+        Subscription.status != SubscriptionStatus.SUSPENDED,
         Subscription.cycle == Cycle.ANNUAL,
         Subscription.cancel_at_period_end.is_(False),
         Subscription.current_period_end > on,
@@ -346,11 +355,16 @@ def claim_run(session: Session, on: date) -> bool:
     return claimed is not None
 
 
+def refuse_future_date(on: date, now: datetime, config: BillingConfig) -> None:
+    """Running a date after today is a simulation: refused outside development and test."""
+    if on > local_today(now, config.timezone) and not config.allow_future_dates:
+        raise FutureDateRefused(f"{on.isoformat()} is after today: refused outside development and test")
+
+
 def scan_run(session: Session, on: date, now: datetime, config: BillingConfig) -> dict[str, int]:
     """Scan what is due on `on` and fan it out in chunks (sent after commit); close the run when
     nothing is due, or after MAX_SCANS. Returns the due counts per task."""
-    if on > local_today(now, config.timezone) and not config.allow_future_dates:
-        raise FutureDateRefused(f"{on.isoformat()} is in the future; refused outside development/test")
+    refuse_future_date(on, now, config)
     run = session.scalar(select(BillingRun).where(BillingRun.run_date == on).with_for_update())
     if run is None:
         claim_run(session, on)
@@ -365,12 +379,12 @@ def scan_run(session: Session, on: date, now: datetime, config: BillingConfig) -
     if run.scans == 1:
         run.due_count = total
     if total == 0 or run.scans >= MAX_SCANS:
-        run.status = "done"
+        run.status = RunStatus.DONE
         run.finished_at = now
         if total:
             logger.warning("run %s closed after %s scans with %s rows still due: %s", on, run.scans, total, counts)
     else:
-        run.status = "running"
+        run.status = RunStatus.RUNNING
         for name, ids in due.items():
             for start in range(0, len(ids), CHUNK_SIZE):
                 send_after_commit(
@@ -405,7 +419,7 @@ def run_day(
     session.execute(
         update(BillingRun)
         .where(BillingRun.run_date == on)
-        .values(status="done", finished_at=now, done_count=sum(totals.values()), counts={"done": totals})
+        .values(status=RunStatus.DONE, finished_at=now, done_count=sum(totals.values()), counts={"done": totals})
     )
     session.commit()
     return totals
@@ -430,12 +444,12 @@ def tick_once(
     last = session.scalar(select(BillingRun).order_by(BillingRun.run_date.desc()).limit(1))
     claimed: date | None = None
     rescanned: date | None = None
-    if last is None or (last.status == "done" and last.run_date < latest_due):
+    if last is None or (last.status == RunStatus.DONE and last.run_date < latest_due):
         candidate = latest_due if last is None else last.run_date + timedelta(days=1)
         if claim_run(session, candidate):
             claimed = candidate
             send_after_commit(session, run_billing_day, candidate.isoformat(), now.isoformat())
-    elif last.status != "done":
+    elif last.status != RunStatus.DONE:
         # Only one of several schedulers wins the re-scan of a run.
         won = session.scalar(
             update(BillingRun)
@@ -524,3 +538,15 @@ def _requeue_change_requests(session: Session, now: datetime) -> int:
 @dramatiq.actor(queue_name="billing", **STANDARD)
 def tick(now: str, run_at: str = "06:00") -> None:
     tick_once(current_session(), datetime.fromisoformat(now), runtime().config, time.fromisoformat(run_at))
+
+
+# --- an operator's re-run ----------------------------------------------------------------------------
+
+
+def reopen_run(session: Session, on: date) -> None:
+    """Before an operator re-runs `on` (`renova run-day`): mark its run running and unfinished again,
+    counts kept, so that the scan that follows closes it anew when nothing is due. A date never run
+    has no row yet (the scan claims it). Does not commit."""
+    session.execute(
+        update(BillingRun).where(BillingRun.run_date == on).values(status=RunStatus.RUNNING, finished_at=None)
+    )

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 
 class Mailer(Protocol):
-    """Delivers one e-mail; raises on a transient failure so the message is retried."""
+    """Delivers one e-mail; raises `jobs.errors.TransientError` when a retry may succeed (the message is
+    retried) and `jobs.errors.PermanentError` when it cannot (the notice is marked refused)."""
 
     def send(self, message: EmailMessage) -> None: ...
 

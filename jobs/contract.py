@@ -16,12 +16,15 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, TypeAdapter, field_validator
 
+from models.states import Cycle, PaymentMethod
+
 KINDS: Final = ("subscribe", "billing_cycle", "payment_method", "card", "cancel", "resume", "reissue_boleto")
 
 PositiveId = Annotated[StrictInt, Field(gt=0, le=2**63 - 1)]
 IdempotencyKey = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255)]
-CycleName = Literal["monthly", "annual"]
-MethodName = Literal["card", "boleto"]
+# models.states' vocabularies, as plain strings: the JSON schema lists them as an enum of strings.
+CycleName = Literal[tuple(member.value for member in Cycle)]  # "monthly", "annual"
+MethodName = Literal[tuple(member.value for member in PaymentMethod)]  # "card", "boleto"
 
 # A card number (PAN) has 12 to 19 digits, possibly grouped by spaces or dashes. Renova stores only
 # gateway tokens: anything shaped like a PAN is refused and never stored or echoed back.

@@ -1,9 +1,9 @@
 """Dunning of unpaid renewals: boletos past their payment day, suspensions, and the card
-renewals that ran out of retries (or wait for a new card after a hard decline)."""
+renewals that ran out of retries (or wait for a new card after a hard decline).
+
+The flows only; their dates (overdue, suspension, last retry) are models.dunning's."""
 
 from __future__ import annotations
-
-from datetime import date, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -12,18 +12,9 @@ from jobs.invoicing import lock_subscription
 from jobs.notifications import notify
 from jobs.payments import suspend
 from jobs.renewals import Work
-from models.calendar import add_business_days, next_business_day
+from models.dunning import last_retry_day, overdue_on, suspend_on
 from models.schema import Boleto, Charge, Invoice
 from models.states import BoletoStatus, ChargeStatus, InvoiceStatus, PaymentMethod, SubscriptionStatus
-
-
-def overdue_on(due_date: date) -> date:
-    """A boleto may be paid until the next business day on or after its due date; overdue after."""
-    return next_business_day(due_date) + timedelta(days=1)
-
-
-def suspend_on(overdue_day: date, grace_business_days: int) -> date:
-    return add_business_days(overdue_day, grace_business_days)
 
 
 def mark_boleto_overdue(session: Session, boleto_id: int, work: Work) -> None:
@@ -73,12 +64,8 @@ def suspend_for_boleto(session: Session, boleto_id: int, work: Work) -> None:
     subscription = lock_subscription(session, invoice.subscription_id)
     assert subscription is not None
     if invoice.status == InvoiceStatus.OPEN and subscription.status != SubscriptionStatus.SUSPENDED:
-        suspend(session, subscription, invoice, now=work.now, reason="boleto")
+        suspend(session, subscription, invoice, now=work.now, reason=PaymentMethod.BOLETO)
         work.done += 1
-
-
-def last_retry_day(invoice: Invoice, work: Work) -> date:
-    return invoice.due_date + timedelta(days=work.config.dunning_retry_days[-1])
 
 
 def suspend_for_card(session: Session, invoice_id: int, work: Work) -> None:
@@ -100,8 +87,8 @@ def suspend_for_card(session: Session, invoice_id: int, work: Work) -> None:
         invoice.status == InvoiceStatus.OPEN
         and invoice.method == PaymentMethod.CARD
         and waiting is None
-        and last_retry_day(invoice, work) <= work.on
+        and last_retry_day(invoice.due_date, work.config.dunning_retry_days) <= work.on
         and subscription.status == SubscriptionStatus.PAST_DUE
     ):
-        suspend(session, subscription, invoice, now=work.now, reason="card")
+        suspend(session, subscription, invoice, now=work.now, reason=PaymentMethod.CARD)
         work.done += 1

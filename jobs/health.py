@@ -6,15 +6,15 @@ import dramatiq
 from sqlalchemy.orm import Session
 
 import jobs
+from jobs import audit
 from jobs.context import current_session
 from jobs.retries import STANDARD
-from models.schema import AuditEvent
 
 jobs.require_broker()
 
 
 def record_ping(session: Session, token: str) -> None:
-    session.add(AuditEvent(actor="worker", action="worker.ping", target_type="ping", target_id=token))
+    audit.record(session, actor="worker", action="worker.ping", target_type="ping", target_id=token)
 
 
 @dramatiq.actor(queue_name="billing", **STANDARD)

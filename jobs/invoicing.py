@@ -15,8 +15,9 @@ from sqlalchemy.orm import Session
 
 from jobs.notifications import notify
 from models.calendar import add_cycle
-from models.schema import Invoice, LedgerEntry, Plan, Subscription
-from models.states import InvoiceKind, InvoiceStatus, SubscriptionStatus
+from models.dunning import is_past_due
+from models.schema import Charge, Invoice, LedgerEntry, Plan, Subscription
+from models.states import ChargeStatus, InvoiceKind, InvoiceStatus, LedgerKind, PaymentMethod, SubscriptionStatus
 
 CREDIT_APPLIED = "Crédito aplicado à fatura"
 
@@ -57,7 +58,7 @@ def lock_subscription(session: Session, subscription_id: int) -> Subscription | 
 def ledger(
     session: Session,
     subscription: Subscription,
-    kind: str,
+    kind: LedgerKind,
     amount_cents: int,
     description: str,
     *,
@@ -114,7 +115,7 @@ def create_renewal_invoice(
     invoice = session.get_one(Invoice, invoice_id)
     if discount:
         subscription.balance_cents -= discount
-        ledger(session, subscription, "credit_applied", -discount, CREDIT_APPLIED, invoice_id=invoice.id)
+        ledger(session, subscription, LedgerKind.CREDIT_APPLIED, -discount, CREDIT_APPLIED, invoice_id=invoice.id)
     return invoice
 
 
@@ -128,7 +129,7 @@ def apply_credit(
     invoice.discount_cents += amount
     invoice.total_cents -= amount
     subscription.balance_cents -= amount
-    ledger(session, subscription, "credit_applied", -amount, description, invoice_id=invoice.id)
+    ledger(session, subscription, LedgerKind.CREDIT_APPLIED, -amount, description, invoice_id=invoice.id)
 
 
 def renewal_invoice(session: Session, subscription_id: int, period_start: date) -> Invoice | None:
@@ -174,7 +175,7 @@ def mark_invoice_paid(
     invoice.paid_on = paid_on
     invoice.paid_at = now
     if amount_cents:
-        ledger(session, subscription, "payment", amount_cents, f"Pagamento ({source})", invoice_id=invoice.id)
+        ledger(session, subscription, LedgerKind.PAYMENT, amount_cents, f"Pagamento ({source})", invoice_id=invoice.id)
 
     if subscription.status in (SubscriptionStatus.PAST_DUE, SubscriptionStatus.SUSPENDED) and not has_other_past_due(
         session, subscription.id, invoice.id, paid_on
@@ -198,7 +199,7 @@ def mark_invoice_paid(
             },
         )
 
-    if invoice.method == "card" or amount_cents == 0:
+    if invoice.method == PaymentMethod.CARD or amount_cents == 0:
         notify(
             session,
             organization_id=subscription.organization_id,
@@ -226,19 +227,23 @@ def restart_period_on_payment(subscription: Subscription, invoice: Invoice, paid
 
 
 def has_other_past_due(session: Session, subscription_id: int, invoice_id: int, on: date) -> bool:
-    """Another open invoice of the subscription already due before `on` (one issued early is not)."""
-    return (
-        session.scalar(
-            select(Invoice.id)
-            .where(
-                Invoice.subscription_id == subscription_id,
-                Invoice.status == InvoiceStatus.OPEN,
-                Invoice.id != invoice_id,
-                Invoice.due_date < on,
-            )
-            .limit(1)
+    """Another open invoice of the subscription already past due on `on` (models.dunning.is_past_due:
+    a boleto still payable, or one issued early, is not)."""
+    charge_failed = (
+        select(Charge.id).where(Charge.invoice_id == Invoice.id, Charge.status == ChargeStatus.FAILED).exists()
+    )
+    # Nothing due after `on` is past due, whatever its method: the SQL keeps only the candidates.
+    candidates = session.execute(
+        select(Invoice.method, Invoice.due_date, charge_failed).where(
+            Invoice.subscription_id == subscription_id,
+            Invoice.status == InvoiceStatus.OPEN,
+            Invoice.id != invoice_id,
+            Invoice.due_date <= on,
         )
-        is not None
+    ).all()
+    return any(
+        is_past_due(method=method, due_date=due_date, on=on, charge_failed=failed)
+        for method, due_date, failed in candidates
     )
 
 
@@ -260,7 +265,7 @@ def void_unused_paid_invoice(
     ledger(
         session,
         subscription,
-        "unused_period_credit",
+        LedgerKind.UNUSED_PERIOD_CREDIT,
         invoice.amount_cents,
         description,
         invoice_id=invoice.id,
@@ -292,7 +297,7 @@ def void_invoice(
         ledger(
             session,
             subscription,
-            "credit_restored",
+            LedgerKind.CREDIT_RESTORED,
             invoice.discount_cents,
             description,
             invoice_id=invoice.id,

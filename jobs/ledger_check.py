@@ -5,13 +5,9 @@ per row, so it runs on 100k subscriptions), and all rules are a single statement
 snapshot, so a payment committed while the check runs can never look half-recorded, and the check
 never writes (read-only by construction, safe to run on the primary while workers bill).
 
-Ledger kinds and signs (DESIGN "Cycle change and proration", "Renewals, boletos, dunning", "Ending a
-subscription and refunds"): `payment` (+) money that paid an invoice; `payment_to_credit` (+) money
-for an invoice that no longer took it; `credit_applied` (−) credit used as an invoice's discount;
-`credit_restored` (+) a voided open invoice's discount back; `unused_period_credit` (+) a voided paid
-invoice's whole amount back; `proration_credit` (+) and `period_used` (−, not balance) the two halves
-of a paid period left by a cycle change; `refund` (−) balance given back; `credit_granted` (+) credit
-not coming from money; `change_applied` (0) audit only.
+Ledger kinds and their signs are declared in `models.states.LedgerKind` (DESIGN "Cycle change and
+proration", "Renewals, boletos, dunning", "Ending a subscription and refunds"); the SQL below names
+them as literals because it is SQL.
 """
 
 from __future__ import annotations
@@ -25,17 +21,7 @@ from sqlalchemy.orm import Session
 
 from models.money import format_brl
 from models.schema import Subscription
-
-# The kinds whose entries move `subscriptions.balance_cents`: the balance is always their sum.
-BALANCE_KINDS: Final = (
-    "payment_to_credit",
-    "credit_applied",
-    "credit_restored",
-    "unused_period_credit",
-    "proration_credit",
-    "refund",
-    "credit_granted",
-)
+from models.states import BALANCE_KINDS, ChargeStatus, SubscriptionStatus  # BALANCE_KINDS: also imported from here
 
 # Every rule the check enforces, in the order it reports them.
 RULES: Final = (
@@ -290,7 +276,7 @@ def _sql(subscription_id: int | None) -> str:
 
 def check_ledger(session: Session, subscription_id: int | None = None) -> list[Violation]:
     """Every violation of the ledger rules, for one subscription or all of them (read-only)."""
-    params: dict[str, Any] = {"balance_kinds": list(BALANCE_KINDS)}
+    params: dict[str, Any] = {"balance_kinds": [kind.value for kind in BALANCE_KINDS]}
     if subscription_id is not None:
         params["subscription_id"] = subscription_id
     rows = session.execute(text(_sql(subscription_id)), params).all()
@@ -391,7 +377,8 @@ def _money_received(sub: int | None, inv: int | None, expected: Any, found: Any,
 
 def _refunds(sub: int | None, inv: int | None, expected: Any, found: Any, facts: dict[str, Any]) -> str:
     if facts.get("case") == "charge":
-        taken = f"took {_money(expected)}" if facts["charge_status"] == "succeeded" else f"is {facts['charge_status']}"
+        status = facts["charge_status"]
+        taken = f"took {_money(expected)}" if status == ChargeStatus.SUCCEEDED else f"is {status}"
         return (
             f"card refunds of {_money(found)} were made against charge {facts['charge_id']} of invoice {inv}, "
             f"which {taken}: a charge cannot give back more than it took"
@@ -418,7 +405,7 @@ def _overlap(sub: int | None, inv: int | None, expected: Any, found: Any, facts:
 
 
 def _unused_period(sub: int | None, inv: int | None, expected: Any, found: Any, facts: dict[str, Any]) -> str:
-    if facts["status"] == "canceled":
+    if facts["status"] == SubscriptionStatus.CANCELED:
         where = f"on or after {expected}, when canceled subscription {sub} ended"
     else:
         where = f"after {expected}, the end of subscription {sub}'s current period and its next renewal"

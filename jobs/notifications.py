@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import smtplib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -37,6 +36,7 @@ from sqlalchemy.orm import Session
 
 import jobs
 from jobs.context import Mailer, NotConfigured, current_session, runtime
+from jobs.errors import PermanentError, cause
 from jobs.outbox import send_after_commit
 from jobs.retries import STANDARD
 from models.calendar import format_date_br
@@ -413,13 +413,16 @@ def render(notification: Notification, organization_name: str) -> RenderedEmail:
 class DeliveryFailed(Exception):
     """The mailer raised; the row's attempt count and error are set but not yet committed.
 
-    Commit the session before propagating `error` (the runtime rolls back a failed message).
+    `error` is what went wrong (the protocol's own error, under the mailer's neutral one); `raised`
+    is what the mailer raised. Commit the session before propagating `raised` (the runtime rolls
+    back a failed message, and `raised` decides whether it is retried).
     """
 
-    def __init__(self, notification_id: int, error: BaseException) -> None:
+    def __init__(self, notification_id: int, error: BaseException, raised: BaseException) -> None:
         super().__init__(f"notification {notification_id}: {error!r}")
         self.notification_id = notification_id
         self.error = error
+        self.raised = raised
 
 
 def message_id(notification: Notification, mail_from: str) -> str:
@@ -447,13 +450,6 @@ def build_message(
     return message
 
 
-def _permanently_refused(error: BaseException) -> bool:
-    # smtplib raises this only when every recipient was refused; 5xx means retrying cannot help.
-    return isinstance(error, smtplib.SMTPRecipientsRefused) and all(
-        code >= 500 for code, _ in error.recipients.values()
-    )
-
-
 def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"[:_MAX_ERROR_LENGTH]
 
@@ -463,7 +459,7 @@ def deliver_notification(session: Session, notification_id: int, mailer: Mailer,
 
     "sent", "already_sent", "already_failed", "missing" (no such row: its transaction rolled back),
     "no_recipients" or "refused" (both final: status failed). On a mailer error raises DeliveryFailed
-    with the row's bookkeeping flushed: commit, then re-raise `error` so the message is retried.
+    with the row's bookkeeping flushed: commit, then re-raise `raised` so the message is retried.
     The row stays locked during the SMTP exchange, so a concurrent duplicate waits and then finds it sent.
     """
     notification = session.execute(
@@ -489,13 +485,13 @@ def deliver_notification(session: Session, notification_id: int, mailer: Mailer,
     rendered = render(notification, organization.name if organization else "")
     try:
         mailer.send(build_message(notification, rendered, recipients, mail_from, now))
+    except PermanentError as exc:  # e.g. every recipient refused for good: retrying cannot help
+        _mark_failed(notification, _describe(cause(exc)))
+        return "refused"
     except Exception as exc:
-        if _permanently_refused(exc):
-            _mark_failed(notification, _describe(exc))
-            return "refused"
-        notification.last_error = _describe(exc)
+        notification.last_error = _describe(cause(exc))
         session.flush()
-        raise DeliveryFailed(notification_id, exc) from exc
+        raise DeliveryFailed(notification_id, cause(exc), exc) from exc
 
     notification.status = NotificationStatus.SENT.value
     notification.sent_at = now
@@ -518,5 +514,5 @@ def send_notification(notification_id: int) -> None:
     except DeliveryFailed as failure:
         # The runtime rolls back a message that raises; the attempt and its error must survive it.
         session.commit()
-        # The original error decides whether the message is retried (see jobs.retries).
-        raise failure.error from None
+        # What the mailer raised decides whether the message is retried (see jobs.retries).
+        raise failure.raised from None

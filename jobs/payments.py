@@ -40,6 +40,7 @@ from jobs.notifications import notify
 from jobs.outbox import send_after_commit
 from jobs.retries import STANDARD
 from models.calendar import local_today
+from models.dunning import last_retry_day, next_retry_date
 from models.schema import Boleto, Card, Charge, GatewayEvent, Invoice, Subscription
 from models.states import (
     BoletoStatus,
@@ -157,7 +158,7 @@ def record_charge_outcome(
         return charge.status
 
     match outcome:
-        case ChargeResult(status="succeeded"):
+        case ChargeResult(succeeded=True):
             charge.status = ChargeStatus.SUCCEEDED
             charge.gateway_id = outcome.gateway_id
         case ChargeResult():
@@ -257,20 +258,6 @@ def charge_and_record(
 # --- renewal consequences (dunning) ------------------------------------------------------------
 
 
-def next_retry_date(renewal_date: date, attempt: int, on: date, retry_days: tuple[int, ...]) -> date | None:
-    """When a renewal's failed `attempt` (1 = on the renewal date) is retried; None after the last.
-
-    Retries are T+1, T+3, T+5, T+7 by default: attempt n+1 happens on T + retry_days[n-1], or on the
-    next scheduled day still ahead when a run was caught up late.
-    """
-    remaining = retry_days[attempt - 1 :] if attempt - 1 < len(retry_days) else ()
-    for days in remaining:
-        candidate = renewal_date + timedelta(days=days)
-        if candidate > on:
-            return candidate
-    return None
-
-
 def card_display(charge: Charge, session: Session, organization_id: int) -> dict[str, str]:
     card = session.scalar(select(Card).where(Card.organization_id == organization_id))
     return {"brand": card.brand if card else "", "last4": charge.card_last4 or (card.last4 if card else "")}
@@ -291,9 +278,8 @@ def renewal_charge_resolved(
         None if charge.hard_decline else next_retry_date(renewal_date, charge.attempt, on, config.dunning_retry_days)
     )
     charge.next_retry_on = retry_on
-    last_retry_day = renewal_date + timedelta(days=config.dunning_retry_days[-1])
-    if retry_on is None and on >= last_retry_day:
-        suspend(session, subscription, invoice, now=now, reason="card")
+    if retry_on is None and on >= last_retry_day(renewal_date, config.dunning_retry_days):
+        suspend(session, subscription, invoice, now=now, reason=PaymentMethod.CARD)
     elif subscription.status == SubscriptionStatus.ACTIVE:
         subscription.status = SubscriptionStatus.PAST_DUE
     notify_charge_failed(
@@ -555,12 +541,8 @@ def process_gateway_event(event_id: str) -> None:
 
 # --- boleto issuance ---------------------------------------------------------------------------
 
-# What a boleto pays, for its notice ("segunda via" for a replacement).
-BOLETO_PURPOSES: dict[str, str] = {
-    InvoiceKind.RENEWAL: "renewal",
-    InvoiceKind.SUBSCRIBE: "subscribe",
-    InvoiceKind.CYCLE_CHANGE: "cycle_change",
-}
+# What a boleto pays, for its notice: its invoice's kind ("reissue" for a replacement, a segunda via).
+BOLETO_PURPOSES: dict[str, str] = {kind: kind.value for kind in InvoiceKind}
 
 
 def boleto_idempotency_key(invoice_id: int, sequence: int = 1) -> str:

@@ -20,10 +20,11 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from jobs import audit
 from models.boleto import MAX_AMOUNT_CENTS
 from models.calendar import ANNUAL, CYCLES, MONTHLY
 from models.money import CURRENCY, format_brl
-from models.schema import AuditEvent, Plan
+from models.schema import Plan
 
 PRODUCT_PATTERN: Final = re.compile(r"^[a-z0-9_\-]{1,64}$")  # as the change-request contract (jobs.contract)
 MAX_PRICE_CENTS: Final = MAX_AMOUNT_CENTS  # a price must fit a boleto's 10-digit amount
@@ -237,21 +238,20 @@ def set_prices(
     plans = list(session.scalars(statement, execution_options={"populate_existing": True}))
     # `plan_price` keeps the session's price list for the unit of work: it is stale now.
     session.info.pop("plan_prices", None)
-    session.add(
-        AuditEvent(
-            actor=actor,
-            action=AUDIT_ACTION,
-            target_type="plan",
-            target_id=product,
-            reason=reason,
-            details={
-                "product": product,
-                "effective_from": effective_from.isoformat(),
-                "currency": CURRENCY,
-                **{f"{cycle}_cents": cents for cycle, cents in changed.items()},
-                "previous": {f"{cycle}_cents": cents for cycle, cents in before.items()},
-            },
-        )
+    audit.record(
+        session,
+        actor=actor,
+        action=AUDIT_ACTION,
+        target_type="plan",
+        target_id=product,
+        reason=reason,
+        details={
+            "product": product,
+            "effective_from": effective_from.isoformat(),
+            "currency": CURRENCY,
+            **{f"{cycle}_cents": cents for cycle, cents in changed.items()},
+            "previous": {f"{cycle}_cents": cents for cycle, cents in before.items()},
+        },
     )
     session.flush()
     return sorted(plans, key=lambda plan: CYCLES.index(plan.cycle))

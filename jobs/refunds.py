@@ -24,16 +24,18 @@ from sqlalchemy.orm import Session
 
 import jobs
 from gateways.base import Ambiguous, Gateway, GatewayRejected, RefundResult
+from jobs import audit
 from jobs.context import current_session, runtime
 from jobs.invoicing import ledger, void_invoice, void_unused_paid_invoice
 from jobs.notifications import notify
 from jobs.outbox import send_after_commit
 from jobs.retries import STANDARD
-from models.schema import AuditEvent, Boleto, Charge, Invoice, Refund, Subscription
+from models.schema import Boleto, Charge, Invoice, Refund, Subscription
 from models.states import (
     BoletoStatus,
     ChargeStatus,
     InvoiceStatus,
+    LedgerKind,
     RefundMethod,
     RefundStatus,
     SubscriptionStatus,
@@ -59,12 +61,12 @@ def refund_idempotency_key(refund_id: int) -> str:
 
 def end_subscription(session: Session, subscription: Subscription, *, ended_on: date, now: datetime) -> list[str]:
     """Cancel the (locked) subscription as of `ended_on` and settle its money; returns the gateway ids of
-    the boletos it voided, which the caller cancels at the gateway after committing."""
+    the boletos it voided, for the caller's gateway work (cancelled once its transaction commits)."""
     subscription.status = SubscriptionStatus.CANCELED
     subscription.canceled_at = now
     subscription.pending_payment_method = None
-    boletos_to_cancel: list[str] = []
     voided: list[int] = []
+    boletos_to_cancel: list[str] = []
     invoices = session.scalars(
         select(Invoice)
         .where(
@@ -108,7 +110,7 @@ def credit_payment(
     """Money that arrived for an invoice that no longer takes it: the customer's credit, refunded at
     once when the subscription has ended."""
     subscription.balance_cents += amount_cents
-    ledger(session, subscription, "payment_to_credit", amount_cents, description, invoice_id=invoice_id)
+    ledger(session, subscription, LedgerKind.PAYMENT_TO_CREDIT, amount_cents, description, invoice_id=invoice_id)
     refund_balance(session, subscription, now=now)
 
 
@@ -224,7 +226,7 @@ def _record_refund(session: Session, subscription: Subscription, refund: Refund)
     the refund row then carries the obligation until the money is back with the customer."""
     subscription.balance_cents -= refund.amount_cents
     description = "Estorno no cartão" if refund.method == RefundMethod.CARD else "Devolução por transferência"
-    ledger(session, subscription, "refund", -refund.amount_cents, description, refund_id=refund.id)
+    ledger(session, subscription, LedgerKind.REFUND, -refund.amount_cents, description, refund_id=refund.id)
     _notify_refund(session, subscription, refund)
 
 
@@ -353,14 +355,13 @@ def mark_payout_paid(
     refund.status = RefundStatus.PAID
     refund.reference = reference.strip()
     refund.resolved_at = now
-    session.add(
-        AuditEvent(
-            actor=actor,
-            action="refund.mark_paid",
-            target_type="refund",
-            target_id=str(refund.id),
-            reason=reason.strip(),
-            details={"reference": refund.reference, "amount_cents": refund.amount_cents},
-        )
+    audit.record(
+        session,
+        actor=actor,
+        action="refund.mark_paid",
+        target_type="refund",
+        target_id=str(refund.id),
+        reason=reason.strip(),
+        details={"reference": refund.reference, "amount_cents": refund.amount_cents},
     )
     return refund

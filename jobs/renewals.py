@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
 from sqlalchemy import select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from gateways.base import Gateway, GatewayError, GatewayRejected, Unavailable
+from gateways.base import Gateway
 from jobs.context import BillingConfig
+from jobs.gateway_work import GatewayWork, settle
 from jobs.invoicing import (
     CREDIT_APPLIED,
     create_renewal_invoice,
@@ -27,23 +28,21 @@ from jobs.invoicing import (
 from jobs.notifications import notify
 from jobs.payments import (
     LIVE_BOLETO,
-    PreparedCharge,
-    cancel_boleto_at_gateway,
-    charge_and_record,
     idempotency_key,
-    issue_boleto,
     notify_charge_failed,
     open_charge_attempt,
     prepare,
 )
 from jobs.refunds import end_subscription
-from models.policy import late_boleto_due_date
+from models.policy import NO_CARD_ON_FILE, late_boleto_due_date
 from models.schema import Boleto, Card, Charge, Invoice, LedgerEntry, Subscription
 from models.states import (
     BoletoStatus,
     ChargeStatus,
     Cycle,
+    InvoiceKind,
     InvoiceStatus,
+    LedgerKind,
     PaymentMethod,
     SubscriptionStatus,
 )
@@ -54,19 +53,16 @@ RENEWAL_NOTICE_DAYS = 30
 BOLETO_REMINDER_DAYS = 2
 
 
-@dataclass
-class Work:
-    """What a handler did with its ids: `done` counts effects applied (a no-op is not done)."""
+@dataclass(kw_only=True)
+class Work(GatewayWork):
+    """What a handler did with its ids (`done` counts effects applied, a no-op is not done), and the
+    gateway work it left for after the chunk's commit."""
 
     on: date
     now: datetime
     config: BillingConfig
     gateway: Gateway
     done: int = 0
-    # Gateway work, done once the chunk's transaction has committed (never inside it).
-    charges: list[PreparedCharge] = field(default_factory=list)
-    boleto_invoices: list[int] = field(default_factory=list)
-    boletos_to_cancel: list[str] = field(default_factory=list)
 
 
 # --- T − 7: the boleto of an annual renewal ------------------------------------------------------
@@ -126,8 +122,8 @@ def renew(session: Session, subscription_id: int, work: Work) -> None:
     if subscription.cancel_at_period_end:
         # Never end while a charge of the subscription is unresolved: its money must find its invoice.
         if not charge_in_flight(session, subscription.id):
-            boletos = end_subscription(session, subscription, ended_on=subscription.current_period_end, now=work.now)
-            work.boletos_to_cancel.extend(boletos)
+            ended_on = subscription.current_period_end
+            work.boletos_to_cancel.extend(end_subscription(session, subscription, ended_on=ended_on, now=work.now))
             work.done += 1
         return
     if subscription.status == SubscriptionStatus.SUSPENDED:
@@ -217,7 +213,7 @@ def renew_many(session: Session, subscription_ids: Sequence[int], work: Work) ->
             .join(Charge, Charge.invoice_id == Invoice.id)
             .where(
                 Invoice.subscription_id.in_(subscription_ids),
-                Invoice.kind != "renewal",
+                Invoice.kind != InvoiceKind.RENEWAL,
                 Invoice.status == InvoiceStatus.OPEN,
                 Charge.status.in_([ChargeStatus.PENDING, ChargeStatus.UNKNOWN]),
             )
@@ -244,7 +240,7 @@ def renew_many(session: Session, subscription_ids: Sequence[int], work: Work) ->
             {
                 "subscription_id": row.id,
                 "organization_id": row.organization_id,
-                "kind": "renewal",
+                "kind": InvoiceKind.RENEWAL.value,
                 "cycle": row.cycle,
                 "period_start": renewal,
                 "period_end": next_period_end(row, renewal),
@@ -287,7 +283,7 @@ def renew_many(session: Session, subscription_ids: Sequence[int], work: Work) ->
             {
                 "subscription_id": invoice.subscription_id,
                 "invoice_id": invoice.id,
-                "kind": "credit_applied",
+                "kind": LedgerKind.CREDIT_APPLIED.value,
                 "amount_cents": -invoice.discount_cents,
                 "description": CREDIT_APPLIED,
             }
@@ -337,7 +333,7 @@ def charge_in_flight(session: Session, subscription_id: int, *, changes_only: bo
         .limit(1)
     )
     if changes_only:
-        query = query.where(Invoice.kind != "renewal", Invoice.status == InvoiceStatus.OPEN)
+        query = query.where(Invoice.kind != InvoiceKind.RENEWAL, Invoice.status == InvoiceStatus.OPEN)
     return session.scalar(query) is not None
 
 
@@ -350,7 +346,7 @@ def no_card_on_file(session: Session, subscription: Subscription, invoice: Invoi
         invoice,
         dedupe_key=f"charge_failed:no_card:{invoice.id}",
         amount_cents=invoice.total_cents,
-        code="no_card_on_file",
+        code=NO_CARD_ON_FILE,
         reason="Não há cartão de crédito cadastrado.",
         hard=True,
         next_retry_on=None,
@@ -459,27 +455,8 @@ def send_renewal_notice(session: Session, subscription_id: int, work: Work) -> N
 
 
 def settle_gateway_work(session: Session, work: Work) -> dict[int, str]:
-    """After the chunk's commit: its card charges as one concurrent batch, then its boletos."""
-    statuses: dict[int, str] = {}
-    if work.charges:
-        statuses = charge_and_record(session, work.gateway, work.charges, on=work.on, now=work.now, config=work.config)
-        work.charges.clear()
-    retry_later: Unavailable | None = None
-    for invoice_id in dict.fromkeys(work.boleto_invoices):
-        # One boleto's failure never keeps its neighbours from being issued.
-        try:
-            issue_boleto(session, work.gateway, invoice_id, config=work.config)
-        except GatewayRejected as exc:
-            session.rollback()
-            logger.error("the gateway refused the boleto of invoice %s: %s", invoice_id, exc)
-        except GatewayError as exc:  # unavailable or ambiguous: the same idempotency key makes a retry safe
-            session.rollback()
-            retry_later = Unavailable(f"boleto of invoice {invoice_id}: {exc}")
-    work.boleto_invoices.clear()
-    for gateway_id in work.boletos_to_cancel:
-        # Its own message, retried until the gateway confirms (a paid-meanwhile boleto becomes credit).
-        cancel_boleto_at_gateway.send(gateway_id)
-    work.boletos_to_cancel.clear()
-    if retry_later is not None:
-        raise retry_later  # the message is retried; what was done is not redone
-    return statuses
+    """After the chunk's commit: its card charges, then its boletos (see `jobs.gateway_work.settle`)."""
+    settled = settle(session, work.gateway, work, on=work.on, now=work.now, config=work.config)
+    if settled.retry is not None:
+        raise settled.retry  # the message is retried; what was done is not redone
+    return settled.charge_statuses

@@ -4,22 +4,29 @@ see it. Business outcomes (declines, rule violations) are recorded by the flows,
 
 from __future__ import annotations
 
-import smtplib
 from collections.abc import Callable
 
-import redis
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from gateways.base import Unavailable
+from jobs.errors import TransientError
 
-# OSError and SMTPException: a mail server that is down, slow or refusing for now (the SMTP mailer).
+# TransientError: what the adapters raise for a failure worth another try (e.g. the SMTP mailer).
+# OSError: a connection refused, reset or timed out, in any client built on the standard library.
+# The runtime adds its own infrastructure's errors (e.g. Redis) with `register_transient`.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OperationalError,
-    redis.RedisError,
     Unavailable,
+    TransientError,
     OSError,
-    smtplib.SMTPException,
 )
+
+
+def register_transient(*error_types: type[BaseException]) -> None:
+    """Also retry these errors: the runtime's own infrastructure (the broker's Redis client) can fail
+    under any actor, and jobs do not import its library. Called while the runtime wires itself."""
+    global TRANSIENT_ERRORS
+    TRANSIENT_ERRORS += tuple(kind for kind in error_types if kind not in TRANSIENT_ERRORS)
 
 
 def is_transient(error: BaseException) -> bool:

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
-from typing import Final, Literal, get_args
+from typing import Final
 
 import holidays
 import pendulum
 from dateutil.easter import easter
 
-Cycle = Literal["monthly", "annual"]
-MONTHLY: Final = "monthly"
-ANNUAL: Final = "annual"
-CYCLES: Final[tuple[str, ...]] = get_args(Cycle)
-_MONTHS_PER_CYCLE: Final[dict[str, int]] = {MONTHLY: 1, ANNUAL: 12}
+from models.states import Cycle
+
+# The billing cycles are models.states.Cycle; these names are kept for the callers that import them.
+MONTHLY: Final = Cycle.MONTHLY
+ANNUAL: Final = Cycle.ANNUAL
+CYCLES: Final[tuple[Cycle, ...]] = tuple(Cycle)
+_MONTHS_PER_CYCLE: Final[dict[str, int]] = {Cycle.MONTHLY: 1, Cycle.ANNUAL: 12}
 
 BILLING_TIMEZONE_DEFAULT: Final = "America/Sao_Paulo"
 
@@ -39,10 +41,10 @@ _SATURDAY: Final = 5
 
 
 def validate_cycle(cycle: str) -> Cycle:
-    """`cycle` itself when it is a known billing cycle, else ValueError."""
+    """The Cycle named by `cycle` (equal to it) when it is a known billing cycle, else ValueError."""
     if cycle not in _MONTHS_PER_CYCLE:
         raise ValueError(f"unknown billing cycle {cycle!r}; expected one of {', '.join(CYCLES)}")
-    return cycle  # type: ignore[return-value]
+    return Cycle(cycle)
 
 
 def _plain(d: date) -> date:

@@ -14,8 +14,9 @@ from typing import Any, Final, Literal
 from stdnum.br import cnpj, cpf
 from stdnum.exceptions import ValidationError as DocumentValidationError
 
-from models.calendar import ANNUAL, CYCLES, MONTHLY, format_date_br
+from models.calendar import format_date_br
 from models.money import format_brl
+from models.states import Cycle, PaymentMethod, Role, SubscriptionStatus
 
 # --- codes -------------------------------------------------------------------------------------
 
@@ -33,30 +34,35 @@ UNKNOWN_CYCLE: Final = "unknown_cycle"
 INVALID_DOCUMENT: Final = "invalid_document"
 # For requests whose shape is wrong (missing field, wrong type); raised by whoever parses the payload.
 INVALID_REQUEST: Final = "invalid_request"
+ORGANIZATION_NOT_FOUND: Final = "organization_not_found"
+SUBSCRIPTION_NOT_FOUND: Final = "subscription_not_found"
+ALREADY_SUBSCRIBED: Final = "already_subscribed"
+UNKNOWN_PRODUCT: Final = "unknown_product"
+CARD_EXPIRED: Final = "card_expired"
+DOCUMENT_REQUIRED: Final = "document_required"
+CANCELLATION_ALREADY_SCHEDULED: Final = "cancellation_already_scheduled"
+CANCELLATION_NOT_SCHEDULED: Final = "cancellation_not_scheduled"
+NO_OPEN_BOLETO: Final = "no_open_boleto"
 
 # --- vocabulary ---------------------------------------------------------------------------------
 
-OWNER: Final = "owner"
-ADMIN: Final = "admin"
-MEMBER: Final = "member"
-ROLES: Final = (OWNER, ADMIN, MEMBER)
-BILLING_ROLES: Final = (OWNER, ADMIN)
+# The vocabularies are declared once, in models.states; these names stay importable for their callers.
+OWNER: Final = Role.OWNER
+ADMIN: Final = Role.ADMIN
+MEMBER: Final = Role.MEMBER
+ROLES: Final = tuple(Role)
+CARD: Final = PaymentMethod.CARD
+BOLETO: Final = PaymentMethod.BOLETO
+PAYMENT_METHODS: Final = tuple(PaymentMethod)
+SUBSCRIPTION_STATUSES: Final = tuple(SubscriptionStatus)
 
-CARD: Final = "card"
-BOLETO: Final = "boleto"
-PAYMENT_METHODS: Final = (CARD, BOLETO)
-
-ACTIVE: Final = "active"
-PAST_DUE: Final = "past_due"
-SUSPENDED: Final = "suspended"
-CANCELED: Final = "canceled"
-SUBSCRIPTION_STATUSES: Final = (ACTIVE, PAST_DUE, SUSPENDED, CANCELED)
+BILLING_ROLES: Final = (Role.OWNER, Role.ADMIN)
 
 BOLETO_LEAD_DAYS_DEFAULT: Final = 7
 BOLETO_DUE_DAYS_DEFAULT: Final = 3
 
-_METHOD_NAMES: Final = {CARD: "cartão de crédito", BOLETO: "boleto"}
-_CYCLE_NAMES: Final = {MONTHLY: "mensal", ANNUAL: "anual"}
+_METHOD_NAMES: Final = {PaymentMethod.CARD: "cartão de crédito", PaymentMethod.BOLETO: "boleto"}
+_CYCLE_NAMES: Final = {Cycle.MONTHLY: "mensal", Cycle.ANNUAL: "anual"}
 
 
 def payment_method_name(method: str) -> str:
@@ -115,7 +121,7 @@ def payment_declined(*, amount_cents: int, reason: str | None = None, **details:
 
 
 def ensure_known_cycle(cycle: str) -> None:
-    if cycle not in CYCLES:
+    if cycle not in tuple(Cycle):
         raise RuleViolation(
             UNKNOWN_CYCLE,
             f"Ciclo de cobrança desconhecido: {cycle!r}. Os ciclos disponíveis são mensal e anual.",
@@ -124,7 +130,7 @@ def ensure_known_cycle(cycle: str) -> None:
 
 
 def ensure_known_payment_method(method: str) -> None:
-    if method not in PAYMENT_METHODS:
+    if method not in tuple(PaymentMethod):
         raise RuleViolation(
             UNKNOWN_PAYMENT_METHOD,
             f"Forma de pagamento desconhecida: {method!r}. As formas disponíveis são cartão de crédito e boleto.",
@@ -158,9 +164,9 @@ def ensure_can_change_billing(*, role: str | None, financial_responsible: bool, 
 
 def ensure_subscription_open(*, status: str) -> None:
     """A canceled subscription takes no more changes; active, past-due and suspended ones do."""
-    if status not in SUBSCRIPTION_STATUSES:
+    if status not in tuple(SubscriptionStatus):
         raise ValueError(f"unknown subscription status {status!r}")
-    if status == CANCELED:
+    if status == SubscriptionStatus.CANCELED:
         raise RuleViolation(
             SUBSCRIPTION_CANCELED,
             "Esta assinatura está cancelada e não pode mais ser alterada.",
@@ -180,7 +186,7 @@ def ensure_method_allowed(*, cycle: str, method: str, has_card: bool) -> None:
     """Boleto only for annual subscriptions; card only with a card on file."""
     ensure_known_cycle(cycle)
     ensure_known_payment_method(method)
-    if method == BOLETO and cycle != ANNUAL:
+    if method == PaymentMethod.BOLETO and cycle != Cycle.ANNUAL:
         raise RuleViolation(
             BOLETO_REQUIRES_ANNUAL,
             "A forma de pagamento boleto só está disponível para assinaturas com ciclo de cobrança anual. "
@@ -188,7 +194,7 @@ def ensure_method_allowed(*, cycle: str, method: str, has_card: bool) -> None:
             cycle=cycle,
             payment_method=method,
         )
-    if method == CARD and not has_card:
+    if method == PaymentMethod.CARD and not has_card:
         raise RuleViolation(
             NO_CARD_ON_FILE,
             "Não há cartão de crédito cadastrado na organização. Cadastre um cartão em Formas de pagamento "
@@ -275,7 +281,7 @@ def plan_payment_method_switch(
             pending_payment_method=pending_payment_method,
         )
     ensure_method_allowed(cycle=cycle, method=to_method, has_card=has_card)
-    if effective == BOLETO:
+    if effective == PaymentMethod.BOLETO:
         deadline = boleto_switch_deadline(renewal_date, lead_days)
         if boleto_exists_for_renewal or today > deadline:
             raise _boleto_already_issued(
@@ -336,7 +342,7 @@ def method_for_cycle_change(*, to_cycle: str, requested_method: str | None, curr
     if requested_method is not None:
         ensure_known_payment_method(requested_method)
     # Monthly is card-only, so with no explicit request a boleto subscription moves to card.
-    default_method = CARD if to_cycle == MONTHLY else current_method
+    default_method = PaymentMethod.CARD if to_cycle == Cycle.MONTHLY else current_method
     method = requested_method or default_method
     ensure_method_allowed(cycle=to_cycle, method=method, has_card=has_card)
     return method
@@ -383,3 +389,27 @@ def format_document(document: str) -> str:
     """000.000.000-00 for a CPF, 00.000.000/0000-00 for a CNPJ."""
     compact = normalize_document(document)
     return cpf.format(compact) if len(compact) == 11 else cnpj.format(compact)
+
+
+# Every code a request can be rejected with, for the README and the API's documentation.
+ERROR_CODES: Final[dict[str, str]] = {
+    INVALID_REQUEST: "the message's shape is wrong (missing field, wrong type, unknown kind)",
+    ORGANIZATION_NOT_FOUND: "Renova has no copy of the organization (PUT /v1/organizations/{id} first)",
+    FORBIDDEN: "the requester is not an active owner, admin or financial responsible of the organization",
+    SUBSCRIPTION_NOT_FOUND: "no such subscription in this organization",
+    SUBSCRIPTION_CANCELED: "the subscription is canceled (or its period ended with a scheduled cancellation)",
+    UNKNOWN_PRODUCT: "no plan for this product and cycle",
+    ALREADY_SUBSCRIBED: "the organization already has a live subscription of this product",
+    SAME_CYCLE: "the subscription is already in that billing cycle",
+    OUTSTANDING_INVOICE: "a cycle change while an invoice is past due",
+    BOLETO_REQUIRES_ANNUAL: "boleto asked for a monthly subscription",
+    NO_CARD_ON_FILE: "card asked but the organization has no card",
+    BOLETO_ALREADY_ISSUED: "boleto → card after the deadline (T − 7 days) or once the renewal's boleto exists",
+    SAME_PAYMENT_METHOD: "the payment method asked is already the one in effect",
+    DOCUMENT_REQUIRED: "boleto asked but the organization has no CPF/CNPJ",
+    CARD_EXPIRED: "the new card's expiry is in the past",
+    PAYMENT_DECLINED: "the immediate card charge was declined; nothing changed",
+    CANCELLATION_ALREADY_SCHEDULED: "cancel asked twice",
+    CANCELLATION_NOT_SCHEDULED: "resume asked with no cancellation scheduled",
+    NO_OPEN_BOLETO: "segunda via asked but the subscription has no open invoice payable by boleto",
+}

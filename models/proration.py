@@ -43,7 +43,10 @@ class Quote:
     """Everything a notification, the console or a change-request result shows about a cycle change.
 
     `months`, `extra_days`, `month_length_days` and `days_value_cents` only apply to annual → monthly
-    (the credit buys time) and are None for monthly → annual (the credit is a discount).
+    when the credit buys time, and are None otherwise. The new period's invoice is `invoice_price_cents`
+    less `credit_applied_cents`, i.e. `amount_due_cents` now: the annual price less the credit; the time
+    the credit bought, fully paid by it; or, when the credit does not buy even one day
+    (`first_period_charged_now`), a first monthly period `[D, D + 1 month)` charged now less all the credit.
     """
 
     from_cycle: str
@@ -61,6 +64,8 @@ class Quote:
     new_period_start: date
     new_period_end: date
     balance_after_cents: int
+    invoice_price_cents: int
+    first_period_charged_now: bool = False
     months: int | None = None
     extra_days: int | None = None
     month_length_days: int | None = None
@@ -123,6 +128,7 @@ def quote_cycle_change(
             amount_due_cents=annual_price_cents - applied,
             new_period_end=add_cycle(on, ANNUAL, 1),
             balance_after_cents=credit - applied,
+            invoice_price_cents=annual_price_cents,
         )
 
     # Annual → monthly. The credit buys time: k whole months, then r whole days of the month that
@@ -133,6 +139,19 @@ def quote_cycle_change(
     extra_days = remainder * month_length // monthly_price_cents
     days_value = extra_days * monthly_price_cents // month_length
     balance_after = remainder - days_value
+    if months == 0 and extra_days == 0:
+        # Less credit than a day of the monthly plan: the renewal date would be today, so the first
+        # monthly period starts now and is charged now, less all the credit.
+        return Quote(
+            **common,
+            new_price_cents=monthly_price_cents,
+            credit_applied_cents=credit,
+            amount_due_cents=monthly_price_cents - credit,
+            new_period_end=add_cycle(on, MONTHLY, 1),
+            balance_after_cents=0,
+            invoice_price_cents=monthly_price_cents,
+            first_period_charged_now=True,
+        )
     return Quote(
         **common,
         new_price_cents=monthly_price_cents,
@@ -140,6 +159,8 @@ def quote_cycle_change(
         amount_due_cents=0,
         new_period_end=months_end + timedelta(days=extra_days),
         balance_after_cents=balance_after,
+        # The time bought is an invoice fully paid by the credit, so a later change prorates it.
+        invoice_price_cents=credit - balance_after,
         months=months,
         extra_days=extra_days,
         month_length_days=month_length,

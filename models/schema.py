@@ -32,6 +32,7 @@ from models.states import (
     RefundMethod,
     RefundStatus,
     Role,
+    RunStatus,
     SubscriptionStatus,
     sql_in,
 )
@@ -404,7 +405,7 @@ class BillingRun(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     run_date: Mapped[date] = mapped_column(unique=True)
-    status: Mapped[str] = mapped_column(String(16), server_default="running")
+    status: Mapped[str] = mapped_column(String(16), server_default=RunStatus.RUNNING.value)
     due_count: Mapped[int] = mapped_column(server_default=text("0"))
     done_count: Mapped[int] = mapped_column(server_default=text("0"))
     failed_count: Mapped[int] = mapped_column(server_default=text("0"))

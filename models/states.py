@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Final
 
 
 class Cycle(StrEnum):
@@ -79,6 +80,40 @@ class Role(StrEnum):
     OWNER = "owner"
     ADMIN = "admin"
     MEMBER = "member"
+
+
+class RunStatus(StrEnum):
+    """billing_runs.status: a run is `running` until a scan finds nothing left due (or gives up)."""
+
+    RUNNING = "running"
+    DONE = "done"
+
+
+class LedgerKind(StrEnum):
+    """ledger_entries.kind, with its sign (jobs/ledger_check.py proves the rules they obey)."""
+
+    PAYMENT = "payment"  # (+) money that paid an invoice
+    PAYMENT_TO_CREDIT = "payment_to_credit"  # (+) money for an invoice that no longer took it
+    CREDIT_APPLIED = "credit_applied"  # (−) credit used as an invoice's discount
+    CREDIT_RESTORED = "credit_restored"  # (+) a voided open invoice's discount back
+    UNUSED_PERIOD_CREDIT = "unused_period_credit"  # (+) a voided paid invoice's whole amount back
+    PRORATION_CREDIT = "proration_credit"  # (+) the unused part of a period left by a cycle change
+    PERIOD_USED = "period_used"  # (−, not balance) the used part of that period
+    REFUND = "refund"  # (−) balance given back
+    CREDIT_GRANTED = "credit_granted"  # (+) credit not coming from money
+    CHANGE_APPLIED = "change_applied"  # (0) audit only
+
+
+# The ledger kinds whose entries move `subscriptions.balance_cents`: the balance is always their sum.
+BALANCE_KINDS: Final[tuple[LedgerKind, ...]] = (
+    LedgerKind.PAYMENT_TO_CREDIT,
+    LedgerKind.CREDIT_APPLIED,
+    LedgerKind.CREDIT_RESTORED,
+    LedgerKind.UNUSED_PERIOD_CREDIT,
+    LedgerKind.PRORATION_CREDIT,
+    LedgerKind.REFUND,
+    LedgerKind.CREDIT_GRANTED,
+)
 
 
 def sql_in(values: type[StrEnum]) -> str:

@@ -473,7 +473,7 @@ def test_a_rejected_request_shows_its_error_and_nothing_else_changed(client, ses
 
 
 def test_every_rejection_code_is_documented_in_the_readme():
-    from jobs.changes import ERROR_CODES
+    from models.policy import ERROR_CODES
     from tests.conftest import ROOT
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")

@@ -206,8 +206,8 @@ def test_annual_to_monthly_month_end_with_balance() -> None:
 def test_annual_to_monthly_on_the_last_day() -> None:
     # Period [Jan 15 2025, Jan 15 2026) = 365 days, change on Jan 14 2026: one day left,
     # round(99900 / 365) = round(273.70) = 274. Less than a month (k = 0) and less than one monthly
-    # day (r = floor(274 × 31 / 9990) = 0): the renewal is due at once and 274 stays as balance,
-    # discounted from that first monthly invoice.
+    # day (r = floor(274 × 31 / 9990) = 0): no time can be bought, so the first monthly period starts
+    # now and is charged now, less all the credit.
     quote = _quote(
         from_cycle=ANNUAL,
         to_cycle=MONTHLY,
@@ -216,8 +216,10 @@ def test_annual_to_monthly_on_the_last_day() -> None:
         paid_cents=99900,
         on=date(2026, 1, 14),
     )
-    assert (quote.credit_cents, quote.months, quote.extra_days, quote.balance_after_cents) == (274, 0, 0, 274)
-    assert quote.new_period_start == quote.new_period_end == date(2026, 1, 14)
+    assert quote.first_period_charged_now
+    assert (quote.credit_cents, quote.credit_applied_cents, quote.balance_after_cents) == (274, 274, 0)
+    assert (quote.invoice_price_cents, quote.amount_due_cents) == (9990, 9990 - 274)
+    assert (quote.new_period_start, quote.new_period_end) == (date(2026, 1, 14), date(2026, 2, 14))
 
 
 def test_quote_to_dict_is_json_friendly() -> None:
@@ -328,6 +330,13 @@ def test_credit_does_not_grow_as_the_change_date_nears_the_renewal(
 def test_annual_to_monthly_converts_credit_to_the_cent(change: dict[str, object]) -> None:
     quote = quote_cycle_change(**change)  # type: ignore[arg-type]
     monthly = quote.new_price_cents
+    if quote.first_period_charged_now:
+        # Not even a day of credit: the first month is charged now, less all of it.
+        assert quote.credit_cents * 28 < monthly  # r = floor(credit × L / M) = 0, and L ≥ 28
+        assert quote.amount_due_cents == monthly - quote.credit_cents and quote.balance_after_cents == 0
+        assert quote.new_period_end == add_cycle(quote.on, MONTHLY, 1)
+        return
+    assert quote.invoice_price_cents == quote.credit_applied_cents and quote.amount_due_cents == 0
     assert quote.months is not None and quote.extra_days is not None
     assert quote.month_length_days is not None and quote.days_value_cents is not None
     length = quote.month_length_days

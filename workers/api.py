@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints, field_validator
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -332,51 +332,26 @@ def put_organization(organization_id: int, body: OrganizationIn, session: Sessio
 
     The main application sends it whenever any of it changes; members absent from the body become
     inactive (they can no longer change billing nor receive notices)."""
-    from models.policy import RuleViolation, normalize_document
-    from models.schema import Member, Organization
+    from jobs.organizations import MEMBER_CONFLICT, MemberCopy, upsert_organization
+    from models.policy import RuleViolation
 
-    if organization_id <= 0:
-        raise _invalid("organization_id", "deve ser um número positivo")
-    document = None
-    if body.document is not None and body.document.strip():
-        try:
-            document = normalize_document(body.document)
-        except RuleViolation as violation:
-            raise _invalid("document", violation.message, code=violation.code) from None
-    ids = [member.id for member in body.members]
-    if len(ids) != len(set(ids)):
-        raise _invalid("members", "há membros repetidos (mesmo id)")
-    foreign = session.scalar(select(Member.id).where(Member.id.in_(ids), Member.organization_id != organization_id))
-    if foreign is not None:
-        raise HTTPException(
-            status.HTTP_409_CONFLICT,
-            detail={"code": "member_conflict", "message": f"O membro {foreign} pertence a outra organização."},
+    try:
+        organization = upsert_organization(
+            session,
+            organization_id,
+            name=body.name,
+            document=body.document,
+            members=[MemberCopy(**member.model_dump()) for member in body.members],
+            now=datetime.now(UTC),
         )
-    session.execute(
-        insert(Organization)
-        .values(id=organization_id, name=body.name, document=document)
-        .on_conflict_do_update(
-            index_elements=["id"], set_={"name": body.name, "document": document, "updated_at": datetime.now(UTC)}
-        )
-    )
-    for member in body.members:
-        values = member.model_dump()
-        values.pop("id")
-        session.execute(
-            insert(Member)
-            .values(id=member.id, organization_id=organization_id, **values)
-            .on_conflict_do_update(
-                index_elements=["id"],
-                set_={**values, "updated_at": datetime.now(UTC)},
-                where=Member.organization_id == organization_id,
-            )
-        )
-    absent = update(Member).where(Member.organization_id == organization_id)
-    if ids:
-        absent = absent.where(Member.id.not_in(ids))
-    session.execute(absent.values(active=False))
+    except RuleViolation as violation:
+        session.rollback()
+        if violation.code == MEMBER_CONFLICT:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT, detail={"code": violation.code, "message": violation.message}
+            ) from None
+        raise _invalid(violation.details["field"], violation.message, code=violation.code) from None
     session.commit()
-    organization = session.get_one(Organization, organization_id, populate_existing=True)
     return _organization_out(session, organization)
 
 

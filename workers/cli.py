@@ -288,13 +288,13 @@ def run_day_command(
     refused unless RENOVA_ENV is development or test."""
     from datetime import UTC, date, datetime
 
-    from sqlalchemy import select, update
+    from sqlalchemy import select
 
     wire()
-    from jobs.billing_day import FutureDateRefused, scan_run
+    from jobs.billing_day import FutureDateRefused, refuse_future_date, reopen_run, scan_run
     from jobs.context import runtime
-    from models.calendar import local_today
     from models.schema import BillingRun
+    from models.states import RunStatus
     from workers.db import get_session_factory, resolved_urls
     from workers.queues import queue_depths
 
@@ -302,19 +302,17 @@ def run_day_command(
         on = date.fromisoformat(run_date)
     except ValueError:
         fail(f"--date must be YYYY-MM-DD, got {run_date!r}")
-    settings = get_settings()
     now = datetime.now(UTC)
-    if on > local_today(now, settings.billing_timezone) and not settings.allows_future_dates:
-        fail(f"{on.isoformat()} is after today: refused in {settings.renova_env} (allowed in development and test)")
+    try:
+        refuse_future_date(on, now, runtime().config)
+    except FutureDateRefused as exc:
+        fail(str(exc))
 
     session_factory = get_session_factory()
     with session_factory() as session:
-        session.execute(update(BillingRun).where(BillingRun.run_date == on).values(status="running", finished_at=None))
+        reopen_run(session, on)
         session.commit()
-        try:
-            counts = scan_run(session, on, now, runtime().config)
-        except FutureDateRefused as exc:
-            fail(str(exc))
+        counts = scan_run(session, on, now, runtime().config)
     console.print(
         f"run {on.isoformat()}: due {sum(counts.values())} — "
         + ", ".join(f"{name} {count}" for name, count in counts.items() if count)
@@ -329,7 +327,7 @@ def run_day_command(
     while True:
         with session_factory() as session:
             run = session.scalar(select(BillingRun).where(BillingRun.run_date == on))
-            if run is not None and run.status == "done":
+            if run is not None and run.status == RunStatus.DONE:
                 break
         if time.monotonic() > deadline:
             fail(f"run {on.isoformat()} not done after {timeout:.0f}s: is `renova worker` running?")
@@ -429,7 +427,7 @@ def dead_letters_requeue(
     if missing:
         fail(f"no dead letter with id {', '.join(sorted(missing))}")
 
-    from models.schema import AuditEvent
+    from jobs import audit
     from workers.db import get_session_factory
 
     requeued: list[str] = []
@@ -437,15 +435,14 @@ def dead_letters_requeue(
         for letter in chosen:
             if requeue(broker, client, letter):
                 requeued.append(letter.message_id)
-                session.add(
-                    AuditEvent(
-                        actor=actor,
-                        action="dead_letter.requeue",
-                        target_type="message",
-                        target_id=letter.message_id,
-                        reason=reason,
-                        details={"queue": letter.queue, "actor_name": letter.actor, "error": letter.error},
-                    )
+                audit.record(
+                    session,
+                    actor=actor,
+                    action="dead_letter.requeue",
+                    target_type="message",
+                    target_id=letter.message_id,
+                    reason=reason,
+                    details={"queue": letter.queue, "actor_name": letter.actor, "error": letter.error},
                 )
         session.commit()
     console.print(f"requeued {len(requeued)} message(s)")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from jobs.errors import PermanentError, TransientError
 from workers.embedded import free_port
 from workers.settings import Settings, SettingsError
 
@@ -90,6 +91,20 @@ class SmtpMailer:
         return smtplib.SMTP(self.host, self.port, timeout=self.timeout)
 
     def send(self, message: EmailMessage) -> None:
+        """Raises `jobs.errors.PermanentError` when every recipient was refused with a permanent
+        (5xx) code, and `jobs.errors.TransientError` when the message was not accepted for any other
+        reason a server or a network gives (smtplib's errors and OSError), each `from` the original."""
+        try:
+            self._send(message)
+        except smtplib.SMTPRecipientsRefused as exc:
+            # smtplib raises this only when every recipient was refused; 5xx means retrying cannot help.
+            if all(code >= 500 for code, _ in exc.recipients.values()):
+                raise PermanentError(f"every recipient refused: {exc}") from exc
+            raise TransientError(f"recipients refused for now: {exc}") from exc
+        except (OSError, smtplib.SMTPException) as exc:
+            raise TransientError(f"mail server unavailable: {exc!r}") from exc
+
+    def _send(self, message: EmailMessage) -> None:
         """Raises OSError or smtplib.SMTPException when the message was not accepted."""
         with self._connect() as smtp:
             if self.starttls:
@@ -337,9 +352,9 @@ class EmbeddedSinkMailer(SmtpMailer):
         super().__init__(_sink_url(data_dir))
         self.data_dir = Path(data_dir)
 
-    def send(self, message: EmailMessage) -> None:
+    def _send(self, message: EmailMessage) -> None:
         try:
-            super().send(message)
+            super()._send(message)
         except ConnectionRefusedError:
             _forget_sink_url(self.data_dir)
             raise

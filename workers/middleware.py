@@ -5,12 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 import dramatiq
+import redis
 from dramatiq.middleware import Middleware
 from sqlalchemy.orm import Session, sessionmaker
 
 from jobs.context import bind_session
+from jobs.retries import register_transient
 
 _SESSION_OPTION = "_renova_session"
+
+# The broker's Redis is the runtime's: an outage while an actor runs (an enqueue, say) is transient.
+# Registered on import: `workers.broker` imports this module while it wires the runtime, before
+# any actor runs.
+register_transient(redis.RedisError)
 
 
 class DatabaseSession(Middleware):

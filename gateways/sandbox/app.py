@@ -1,0 +1,285 @@
+"""The sandbox's HTTP API, `create_app`.
+
+API conventions (shaped like Stripe's):
+- every /v1 and /sandbox route needs `Authorization: Bearer <api_key>`;
+- POST /v1/charges, POST /v1/charges/{id}/refunds and POST /v1/boletos need an `Idempotency-Key`: the
+  same key with the same body replays the stored response (header `Idempotent-Replayed: true`), with
+  another body (or another charge, for a refund) → 409
+  (error type "idempotency_error"). Stored responses are kept 24 h; refusals (400, 503) are never
+  stored, so a retry is processed;
+- errors are `{"error": {"type", "code", "message", ...}}`; a 503 with `"processed": false` (type
+  "unavailable") promises the request was not processed;
+- a charge can be refunded in parts, never beyond its amount; GET /sandbox/ledger lists each refund as
+  a negative line next to the charge it gives back from;
+- faults per process (`serve` options, POST /sandbox/config) or per request (headers
+  `Sandbox-Latency-Ms`, `Sandbox-Timeout-Rate`, `Sandbox-Unavailable-Rate`, `Sandbox-Stall-Ms`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import random
+import threading
+import time
+from collections.abc import AsyncIterator
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from gateways.sandbox.models import (
+    ApiError,
+    BoletoIn,
+    ChargeIn,
+    ConfigUpdate,
+    Faults,
+    NotProcessed,
+    PayIn,
+    RefundIn,
+    Reply,
+    SandboxConfig,
+    _error,
+    _not_processed,
+)
+from gateways.sandbox.store import STATE_FILE, Store
+from gateways.sandbox.webhooks import WebhookDispatcher
+
+
+def _fingerprint(method: str, path: str, payload: BaseModel) -> str:
+    canonical = json.dumps(payload.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{method} {path}\n{canonical}".encode()).hexdigest()
+
+
+def _header_number(
+    request: Request, name: str, cast: type[int] | type[float], default: Any, low: float, high: float
+) -> Any:
+    raw = request.headers.get(name)
+    if raw is None:
+        return default
+    try:
+        value = cast(raw)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        raise ApiError(
+            400,
+            "invalid_request_error",
+            "invalid_sandbox_header",
+            f"{name} must be a number between {low} and {high}.",
+        )
+    return value
+
+
+def create_app(config: SandboxConfig, data_dir: Path, stopping: threading.Event | None = None) -> FastAPI:
+    """The sandbox application; `stopping` is set when the server starts shutting down."""
+    stopping = stopping or threading.Event()
+    store = Store(Path(data_dir) / STATE_FILE)
+    dispatcher = WebhookDispatcher(store, config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        dispatcher.start()  # picks up deliveries left pending by a previous run
+        try:
+            yield
+        finally:
+            dispatcher.stop()
+            store.close()
+
+    app = FastAPI(title="Renova sandbox gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.store = store
+    app.state.config = config
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc'] if part != 'body')}: {error['msg']}"
+            for error in exc.errors()
+        )
+        return JSONResponse(_error("invalid_request_error", "invalid_request", problems), status_code=400)
+
+    def require_api_key(authorization: Annotated[str | None, Header()] = None) -> None:
+        expected = f"Bearer {config.api_key}".encode()
+        if authorization is None or not hmac.compare_digest(authorization.encode(), expected):
+            raise ApiError(401, "authentication_error", "unauthorized", "Missing or invalid API key.")
+
+    def faults(request: Request) -> Faults:
+        return Faults(
+            latency_ms=_header_number(request, "Sandbox-Latency-Ms", int, config.latency_ms, 0, 600_000),
+            timeout_rate=_header_number(request, "Sandbox-Timeout-Rate", float, config.timeout_rate, 0, 1),
+            unavailable_rate=_header_number(request, "Sandbox-Unavailable-Rate", float, config.unavailable_rate, 0, 1),
+            stall_ms=_header_number(request, "Sandbox-Stall-Ms", int, config.stall_ms, 0, 600_000),
+        )
+
+    async def front_door(request: Request) -> Faults:
+        """Latency and random refusals, before anything is looked at or processed."""
+        found = faults(request)
+        if found.latency_ms:
+            await asyncio.sleep(found.latency_ms / 1000)
+        if found.unavailable_rate and random.random() < found.unavailable_rate:
+            raise NotProcessed
+        return found
+
+    async def respond(reply: Reply, found: Faults) -> JSONResponse:
+        if reply.processed and (reply.stall or random.random() < found.timeout_rate):
+            # Done and stored, but the answer comes too late: the client cannot know it was charged.
+            # A shutdown cuts the stall short, so stopping the sandbox never waits for it.
+            deadline = time.monotonic() + found.stall_ms / 1000
+            while not stopping.is_set() and (remaining := deadline - time.monotonic()) > 0:
+                await asyncio.sleep(min(remaining, 0.1))
+        headers = {"Idempotent-Replayed": "true"} if reply.replayed else None
+        return JSONResponse(reply.body, status_code=reply.status, headers=headers)
+
+    def idempotency_key(key: str | None) -> str:
+        if not key or len(key) > 255:
+            raise ApiError(
+                400,
+                "invalid_request_error",
+                "idempotency_key_required",
+                "An Idempotency-Key header (1–255 characters) is required.",
+            )
+        return key
+
+    @app.exception_handler(NotProcessed)
+    async def _not_processed_handler(_: Request, __: NotProcessed) -> JSONResponse:
+        return JSONResponse(
+            _not_processed("Temporarily unavailable; the request was not processed."),
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+    @v1.post("/charges")
+    async def create_charge(
+        payload: ChargeIn,
+        request: Request,
+        key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    ) -> JSONResponse:
+        checked_key = idempotency_key(key)
+        found = await front_door(request)
+        fingerprint = _fingerprint("POST", "/v1/charges", payload)
+        reply = await run_in_threadpool(store.create_charge, checked_key, fingerprint, payload)
+        return await respond(reply, found)
+
+    @v1.get("/charges")
+    async def find_charge(
+        request: Request, idempotency_key: Annotated[str, Query(min_length=1, max_length=255)]
+    ) -> JSONResponse:
+        await front_door(request)
+        charge = await run_in_threadpool(lambda: store.find_charge(key=idempotency_key))
+        if charge is None:
+            raise ApiError(404, "invalid_request_error", "resource_missing", "No charge with that idempotency key.")
+        return JSONResponse(charge)
+
+    @v1.get("/charges/{charge_id}")
+    async def get_charge(charge_id: str, request: Request) -> JSONResponse:
+        await front_door(request)
+        charge = await run_in_threadpool(lambda: store.find_charge(charge_id=charge_id))
+        if charge is None:
+            raise ApiError(404, "invalid_request_error", "resource_missing", f"No charge {charge_id!r}.")
+        return JSONResponse(charge)
+
+    @v1.post("/charges/{charge_id}/refunds")
+    async def create_refund(
+        charge_id: str,
+        payload: RefundIn,
+        request: Request,
+        key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    ) -> JSONResponse:
+        checked_key = idempotency_key(key)
+        found = await front_door(request)
+        # The path is part of the fingerprint: one key cannot refund two different charges.
+        fingerprint = _fingerprint("POST", f"/v1/charges/{charge_id}/refunds", payload)
+        reply = await run_in_threadpool(store.create_refund, checked_key, fingerprint, charge_id, payload)
+        return await respond(reply, found)
+
+    @v1.post("/boletos")
+    async def create_boleto(
+        payload: BoletoIn,
+        request: Request,
+        key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    ) -> JSONResponse:
+        checked_key = idempotency_key(key)
+        found = await front_door(request)
+        fingerprint = _fingerprint("POST", "/v1/boletos", payload)
+        reply = await run_in_threadpool(store.create_boleto, checked_key, fingerprint, payload)
+        return await respond(reply, found)
+
+    @v1.get("/boletos/{boleto_id}")
+    async def get_boleto(boleto_id: str, request: Request) -> JSONResponse:
+        await front_door(request)
+        boleto = await run_in_threadpool(store.get_boleto, boleto_id)
+        if boleto is None:
+            raise ApiError(404, "invalid_request_error", "resource_missing", f"No boleto {boleto_id!r}.")
+        return JSONResponse(boleto)
+
+    @v1.post("/boletos/{boleto_id}/cancel")
+    async def cancel_boleto(boleto_id: str, request: Request) -> JSONResponse:
+        await front_door(request)
+        return JSONResponse(await run_in_threadpool(store.cancel_boleto, boleto_id))
+
+    sandbox = APIRouter(prefix="/sandbox", dependencies=[Depends(require_api_key)])
+
+    @sandbox.post("/boletos/{boleto_id}/pay")
+    async def pay_boleto(boleto_id: str, payload: Annotated[PayIn | None, Body()] = None) -> JSONResponse:
+        payment = payload or PayIn()
+        result = await run_in_threadpool(
+            store.pay_boleto,
+            boleto_id,
+            payment.paid_on or date.today(),
+            payment.amount_cents,
+            config.webhook_url,
+        )
+        dispatcher.notify()
+        return JSONResponse(result)
+
+    @sandbox.post("/boletos/{boleto_id}/expire")
+    async def expire_boleto(boleto_id: str) -> JSONResponse:
+        result = await run_in_threadpool(store.expire_boleto, boleto_id, config.webhook_url)
+        dispatcher.notify()
+        return JSONResponse(result)
+
+    @sandbox.get("/ledger")
+    async def ledger(
+        idempotency_key: str | None = None,
+        kind: Annotated[str | None, Query(pattern="^(charge|boleto_payment|refund)$")] = None,
+    ) -> JSONResponse:
+        entries = await run_in_threadpool(lambda: store.ledger(idempotency_key=idempotency_key, kind=kind))
+        return JSONResponse({"data": entries})
+
+    @sandbox.get("/webhooks")
+    async def webhooks() -> JSONResponse:
+        return JSONResponse({"data": await run_in_threadpool(store.deliveries)})
+
+    @sandbox.get("/config")
+    async def get_config() -> JSONResponse:
+        return JSONResponse(config.public())
+
+    @sandbox.post("/config")
+    async def set_config(update: ConfigUpdate) -> JSONResponse:
+        for name, value in update.model_dump(exclude_unset=True).items():
+            if value is not None:
+                setattr(config, name, value)
+        dispatcher.notify()
+        return JSONResponse(config.public())
+
+    app.include_router(v1)
+    app.include_router(sandbox)
+    return app

@@ -1,0 +1,71 @@
+"""Gateway work a flow decides inside its transaction and does once that transaction has committed.
+
+Every flow that talks to the gateway — the daily run's renewals and dunning, change requests —
+collects it the same way, in a `GatewayWork`: card charges recorded `pending` (phase 1 of a charge),
+open boleto invoices to issue a boleto for, and boletos voided here to cancel at the gateway. `settle`
+then makes those calls with no transaction open; a cancellation is its own message
+(`cancel_boleto_at_gateway`), retried until the gateway confirms. Nothing is sent from inside a
+transaction, or from a savepoint that may still roll back.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import date, datetime
+
+from sqlalchemy.orm import Session
+
+from gateways.base import Gateway, GatewayError, GatewayRejected, Unavailable
+from jobs.context import BillingConfig
+from jobs.payments import PreparedCharge, cancel_boleto_at_gateway, charge_and_record, issue_boleto
+from models.schema import Boleto
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class GatewayWork:
+    """What must reach the gateway after the commit."""
+
+    charges: list[PreparedCharge] = field(default_factory=list)
+    boleto_invoices: list[int] = field(default_factory=list)
+    boletos_to_cancel: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Settled:
+    charge_statuses: dict[int, str]
+    # The boleto issued (or found) per invoice.
+    boletos: dict[int, Boleto]
+    # A boleto the gateway could not issue now (it was not processed, or its answer was lost): the same
+    # idempotency key makes the next attempt safe, and the daily run issues any that is still missing.
+    retry: Unavailable | None = None
+
+
+def settle(
+    session: Session, gateway: Gateway, work: GatewayWork, *, on: date, now: datetime, config: BillingConfig
+) -> Settled:
+    """The charges as one concurrent batch (phases 2 and 3), then the boletos to issue, each on its own so
+    that one the gateway refuses never keeps its neighbours from being issued, then the cancellations."""
+    statuses = charge_and_record(session, gateway, work.charges, on=on, now=now, config=config) if work.charges else {}
+    work.charges.clear()
+    settled = Settled(statuses, {})
+    for invoice_id in dict.fromkeys(work.boleto_invoices):
+        try:
+            boleto = issue_boleto(session, gateway, invoice_id, config=config)
+        except GatewayRejected as exc:
+            session.rollback()
+            logger.error("the gateway refused the boleto of invoice %s: %s", invoice_id, exc)
+            continue
+        except GatewayError as exc:
+            session.rollback()
+            settled.retry = Unavailable(f"boleto of invoice {invoice_id}: {exc}")
+            continue
+        if boleto is not None:
+            settled.boletos[invoice_id] = boleto
+    work.boleto_invoices.clear()
+    for gateway_id in work.boletos_to_cancel:
+        cancel_boleto_at_gateway.send(gateway_id)
+    work.boletos_to_cancel.clear()
+    return settled
