@@ -12,7 +12,9 @@ ACTOR_MODULES: tuple[str, ...] = (
     "jobs.health",
     "jobs.notifications",
     "jobs.payments",
+    "jobs.boletos",
     "jobs.billing_day",
+    "jobs.tick",
     "jobs.changes",
 )
 

@@ -1,5 +1,5 @@
-"""The daily billing run: the clock's `tick`, the scan of what is due on a business date, and the
-fan-out of that work in chunks.
+"""The daily billing run: the scan of what is due on a business date, and the fan-out of that work in
+chunks. The clock's `tick`, which starts runs and re-scans unfinished ones, is `jobs.tick`.
 
 Everything a run does is derived from the database: the scan finds due rows with indexed set
 queries using `<=` (a missed day is caught up by the next run), handlers re-check each row under a
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, time, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import dramatiq
@@ -22,17 +22,17 @@ from sqlalchemy.orm import Session, aliased
 import jobs
 from gateways.base import Gateway
 from jobs import dunning, renewals
+from jobs.boletos import awaiting_boleto
 from jobs.context import BillingConfig, current_session, runtime
 from jobs.outbox import send_after_commit
-from jobs.payments import LIVE_BOLETO, reconcile_charges, unresolved_charge_ids
+from jobs.payments import awaiting_outcome_or_retry
 from jobs.renewals import Work
 from jobs.retries import STANDARD
-from models.calendar import latest_due_run_date, local_today
+from models.calendar import local_today
 from models.dunning import latest_renewal_out_of_retries, overdue_on, suspend_on
-from models.schema import BillingRun, Boleto, Charge, GatewayEvent, Invoice, Notification, Subscription
+from models.schema import BillingRun, Boleto, Charge, Invoice, Notification, Subscription
 from models.states import (
     BoletoStatus,
-    ChargeStatus,
     Cycle,
     InvoiceKind,
     InvoiceStatus,
@@ -48,12 +48,9 @@ CHUNK_SIZE = 200
 # Dramatiq runs lower numbers first among the messages a worker holds: a renewal backlog's chunks
 # yield to change requests, notices and payments (all at the default 0).
 BACKLOG_PRIORITY = 100
-# A run is re-scanned when this long has passed since its last scan and work is still due.
-RESCAN_AFTER = timedelta(minutes=5)
 # After this many scans a run is closed even if some rows keep failing (they stay visible and
 # due, so later runs pick them up again), so that one bad row never blocks the next dates.
 MAX_SCANS = 12
-STALE_WORK = timedelta(minutes=1)
 
 Handler = Callable[[Session, int, Work], None]
 
@@ -75,6 +72,10 @@ aliased_boleto = aliased(Boleto)
 
 
 def scan_boletos_to_issue(on: date, config: BillingConfig) -> Select[Any]:
+    # The renewals whose boleto invoice is due: `models.policy.renewal_boleto_due` (which the handler
+    # re-checks) as an indexed scan. Its conditions are written to match the partial index
+    # ix_subscriptions_boleto_due (`status <> 'canceled'`, `cycle = 'annual'`, the effective method as
+    # `coalesce(pending_payment_method, payment_method)`); keep both in step.
     renewal_invoiced = (
         select(Invoice.id)
         .where(
@@ -94,13 +95,8 @@ def scan_boletos_to_issue(on: date, config: BillingConfig) -> Select[Any]:
         Subscription.current_period_end <= on + timedelta(days=config.boleto_lead_days),
         ~renewal_invoiced,
     )
-    # Open boleto invoices without a live boleto: an interrupted issue, or a replacement (segunda via)
-    # still to issue after the last one expired, was given up or underpaid.
-    interrupted_issues = select(Invoice.subscription_id).where(
-        Invoice.status == InvoiceStatus.OPEN,
-        Invoice.method == PaymentMethod.BOLETO,
-        ~select(Boleto.id).where(Boleto.invoice_id == Invoice.id, Boleto.status.in_(LIVE_BOLETO)).exists(),
-    )
+    # Open boleto invoices without a live boleto: an interrupted issue, or a replacement (segunda via).
+    interrupted_issues = select(Invoice.subscription_id).where(*awaiting_boleto())
     return due_renewals.union(interrupted_issues)
 
 
@@ -174,12 +170,7 @@ def keep_suspensions(session: Session, ids: list[int], on: date, config: Billing
 
 def scan_card_suspensions(on: date, config: BillingConfig) -> Select[Any]:
     in_flight_or_scheduled = (
-        select(Charge.id)
-        .where(
-            Charge.invoice_id == Invoice.id,
-            Charge.status.in_([ChargeStatus.PENDING, ChargeStatus.UNKNOWN]) | Charge.next_retry_on.is_not(None),
-        )
-        .exists()
+        select(Charge.id).where(Charge.invoice_id == Invoice.id, awaiting_outcome_or_retry()).exists()
     )
     return (
         select(Invoice.id)
@@ -423,121 +414,6 @@ def run_day(
     )
     session.commit()
     return totals
-
-
-# --- the clock's tick --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TickResult:
-    claimed: date | None
-    rescanned: date | None
-    requeued: dict[str, int]
-
-
-def tick_once(
-    session: Session, now: datetime, config: BillingConfig, run_at: time, *, rescan_after: timedelta = RESCAN_AFTER
-) -> TickResult:
-    """Start the next due run (one date at a time, in order), re-scan an unfinished one, and
-    re-enqueue stale work whose message may have been lost."""
-    latest_due = latest_due_run_date(now, run_at, config.timezone)
-    last = session.scalar(select(BillingRun).order_by(BillingRun.run_date.desc()).limit(1))
-    claimed: date | None = None
-    rescanned: date | None = None
-    if last is None or (last.status == RunStatus.DONE and last.run_date < latest_due):
-        candidate = latest_due if last is None else last.run_date + timedelta(days=1)
-        if claim_run(session, candidate):
-            claimed = candidate
-            send_after_commit(session, run_billing_day, candidate.isoformat(), now.isoformat())
-    elif last.status != RunStatus.DONE:
-        # Only one of several schedulers wins the re-scan of a run.
-        won = session.scalar(
-            update(BillingRun)
-            .where(
-                BillingRun.id == last.id,
-                (BillingRun.last_scan_at.is_(None)) | (BillingRun.last_scan_at <= now - rescan_after),
-            )
-            .values(last_scan_at=now)
-            .returning(BillingRun.id)
-        )
-        if won is not None:
-            rescanned = last.run_date
-            send_after_commit(session, run_billing_day, last.run_date.isoformat(), now.isoformat())
-    requeued = requeue_stale_work(session, now)
-    session.commit()
-    return TickResult(claimed, rescanned, requeued)
-
-
-STALE_WORK_FINDERS: dict[str, Callable[[Session, datetime], int]] = {}
-
-
-def stale_work(name: str) -> Callable[[Callable[[Session, datetime], int]], Callable[[Session, datetime], int]]:
-    def register(finder: Callable[[Session, datetime], int]) -> Callable[[Session, datetime], int]:
-        STALE_WORK_FINDERS[name] = finder
-        return finder
-
-    return register
-
-
-def requeue_stale_work(session: Session, now: datetime) -> dict[str, int]:
-    return {name: finder(session, now) for name, finder in STALE_WORK_FINDERS.items()}
-
-
-@stale_work("charges")
-def _requeue_charges(session: Session, now: datetime) -> int:
-    ids = unresolved_charge_ids(session, now)
-    if ids:
-        send_after_commit(session, reconcile_charges, ids, now.isoformat())
-    return len(ids)
-
-
-@stale_work("notifications")
-def _requeue_notifications(session: Session, now: datetime) -> int:
-    from jobs.notifications import pending_notification_ids, send_notification
-
-    ids = pending_notification_ids(session, older_than=now - STALE_WORK)
-    for notification_id in ids:
-        send_after_commit(session, send_notification, notification_id)
-    return len(ids)
-
-
-@stale_work("gateway_events")
-def _requeue_gateway_events(session: Session, now: datetime) -> int:
-    from jobs.payments import process_gateway_event
-
-    ids = session.scalars(
-        select(GatewayEvent.event_id)
-        .where(GatewayEvent.processed_at.is_(None), GatewayEvent.received_at < now - STALE_WORK)
-        .limit(500)
-    ).all()
-    for event_id in ids:
-        send_after_commit(session, process_gateway_event, event_id)
-    return len(ids)
-
-
-@stale_work("refunds")
-def _requeue_refunds(session: Session, now: datetime) -> int:
-    from jobs.refunds import process_refund, stale_refund_ids
-
-    ids = stale_refund_ids(session, now)
-    for refund_id in ids:
-        send_after_commit(session, process_refund, refund_id)
-    return len(ids)
-
-
-@stale_work("change_requests")
-def _requeue_change_requests(session: Session, now: datetime) -> int:
-    from jobs.changes import pending_change_request_ids, process_change_request
-
-    ids = pending_change_request_ids(session, older_than=now - STALE_WORK)
-    for change_request_id in ids:
-        send_after_commit(session, process_change_request, change_request_id)
-    return len(ids)
-
-
-@dramatiq.actor(queue_name="billing", **STANDARD)
-def tick(now: str, run_at: str = "06:00") -> None:
-    tick_once(current_session(), datetime.fromisoformat(now), runtime().config, time.fromisoformat(run_at))
 
 
 # --- an operator's re-run ----------------------------------------------------------------------------

@@ -8,13 +8,14 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from jobs.boletos import boleto_notice
 from jobs.invoicing import lock_subscription
 from jobs.notifications import notify
-from jobs.payments import suspend
+from jobs.payments import awaiting_outcome_or_retry, suspend
 from jobs.renewals import Work
 from models.dunning import last_retry_day, overdue_on, suspend_on
 from models.schema import Boleto, Charge, Invoice
-from models.states import BoletoStatus, ChargeStatus, InvoiceStatus, PaymentMethod, SubscriptionStatus
+from models.states import BoletoStatus, InvoiceStatus, PaymentMethod, SubscriptionStatus
 
 
 def mark_boleto_overdue(session: Session, boleto_id: int, work: Work) -> None:
@@ -41,10 +42,7 @@ def mark_boleto_overdue(session: Session, boleto_id: int, work: Work) -> None:
             kind="boleto_overdue",
             dedupe_key=f"boleto_overdue:{boleto.id}",
             context={
-                "invoice_id": invoice.id,
-                "amount_cents": invoice.total_cents,
-                "due_date": invoice.due_date.isoformat(),
-                "digitable_line": boleto.digitable_line if boleto.status == BoletoStatus.OVERDUE else "",
+                **boleto_notice(invoice, boleto, dunning=True),
                 "suspend_on": suspend_on(boleto.overdue_on, work.config.boleto_grace_business_days).isoformat(),
             },
         )
@@ -77,12 +75,7 @@ def suspend_for_card(session: Session, invoice_id: int, work: Work) -> None:
     subscription = lock_subscription(session, invoice.subscription_id)
     assert subscription is not None
     session.refresh(invoice)
-    waiting = session.scalar(
-        select(Charge.id).where(
-            Charge.invoice_id == invoice_id,
-            (Charge.status.in_([ChargeStatus.PENDING, ChargeStatus.UNKNOWN])) | Charge.next_retry_on.is_not(None),
-        )
-    )
+    waiting = session.scalar(select(Charge.id).where(Charge.invoice_id == invoice_id, awaiting_outcome_or_retry()))
     if (
         invoice.status == InvoiceStatus.OPEN
         and invoice.method == PaymentMethod.CARD

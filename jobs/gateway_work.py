@@ -17,8 +17,9 @@ from datetime import date, datetime
 from sqlalchemy.orm import Session
 
 from gateways.base import Gateway, GatewayError, GatewayRejected, Unavailable
+from jobs.boletos import cancel_boleto_at_gateway, issue_boleto
 from jobs.context import BillingConfig
-from jobs.payments import PreparedCharge, cancel_boleto_at_gateway, charge_and_record, issue_boleto
+from jobs.payments import PreparedCharge, charge_and_record
 from models.schema import Boleto
 
 logger = logging.getLogger(__name__)

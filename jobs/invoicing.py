@@ -10,7 +10,7 @@ from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import select, text
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects.postgresql import Insert, insert
 from sqlalchemy.orm import Session
 
 from jobs.notifications import notify
@@ -79,6 +79,76 @@ def ledger(
     )
 
 
+def invoice_values(
+    *,
+    subscription_id: int,
+    organization_id: int,
+    kind: InvoiceKind,
+    cycle: str,
+    period_start: date,
+    period_end: date,
+    amount_cents: int,
+    discount_cents: int,
+    method: str,
+    due_date: date,
+    change_request_id: int | None = None,
+) -> dict[str, Any]:
+    """The row of a new open invoice, as every flow inserts it (one row, or many at once). Its total is
+    the amount less the discount — every discount in Renova is the customer's own credit. A renewal
+    has no change request: the key is left out (a multi-row insert compiles every key of every row)."""
+    values: dict[str, Any] = {
+        "subscription_id": subscription_id,
+        "organization_id": organization_id,
+        "kind": kind,
+        "cycle": cycle,
+        "period_start": period_start,
+        "period_end": period_end,
+        "amount_cents": amount_cents,
+        "discount_cents": discount_cents,
+        "total_cents": amount_cents - discount_cents,
+        "status": InvoiceStatus.OPEN,
+        "method": method,
+        "due_date": due_date,
+    }
+    if change_request_id is not None:
+        values["change_request_id"] = change_request_id
+    return values
+
+
+def renewal_invoice_values(
+    session: Session, subscription: Any, *, period_start: date, method: str, due_date: date
+) -> dict[str, Any]:
+    """The renewal invoice for the anchored period starting at `period_start`: the plan's price then,
+    less the credit balance (DESIGN: amount = price − credit balance). `subscription` is a
+    `Subscription` or a row with its columns."""
+    price = plan_price(session, subscription.product, subscription.cycle, period_start)
+    return invoice_values(
+        subscription_id=subscription.id,
+        organization_id=subscription.organization_id,
+        kind=InvoiceKind.RENEWAL,
+        cycle=subscription.cycle,
+        period_start=period_start,
+        period_end=next_period_end(subscription, period_start),
+        amount_cents=price,
+        discount_cents=min(subscription.balance_cents, price),
+        method=method,
+        due_date=due_date,
+    )
+
+
+def insert_renewal_invoices(values: dict[str, Any] | list[dict[str, Any]]) -> Insert:
+    """The INSERT of renewal invoices (`renewal_invoice_values`) that skips one already there: a renewal
+    invoice is unique per subscription and period among the renewals not voided."""
+    return (
+        insert(Invoice)
+        .values(values)
+        .on_conflict_do_nothing(
+            index_elements=["subscription_id", "period_start"],
+            index_where=text("kind = 'renewal' AND status <> 'void'"),
+        )
+    )
+
+
 def create_renewal_invoice(
     session: Session, subscription: Subscription, *, period_start: date, method: str, due_date: date
 ) -> Invoice | None:
@@ -86,33 +156,12 @@ def create_renewal_invoice(
 
     The credit balance is discounted from it (DESIGN: amount = price − credit balance).
     """
-    period_end = next_period_end(subscription, period_start)
-    price = plan_price(session, subscription.product, subscription.cycle, period_start)
-    discount = min(subscription.balance_cents, price)
-    invoice_id = session.scalar(
-        insert(Invoice)
-        .values(
-            subscription_id=subscription.id,
-            organization_id=subscription.organization_id,
-            kind=InvoiceKind.RENEWAL,
-            cycle=subscription.cycle,
-            period_start=period_start,
-            period_end=period_end,
-            amount_cents=price,
-            discount_cents=discount,
-            total_cents=price - discount,
-            method=method,
-            due_date=due_date,
-        )
-        .on_conflict_do_nothing(
-            index_elements=["subscription_id", "period_start"],
-            index_where=text("kind = 'renewal' AND status <> 'void'"),
-        )
-        .returning(Invoice.id)
-    )
+    values = renewal_invoice_values(session, subscription, period_start=period_start, method=method, due_date=due_date)
+    invoice_id = session.scalar(insert_renewal_invoices(values).returning(Invoice.id))
     if invoice_id is None:
         return None
     invoice = session.get_one(Invoice, invoice_id)
+    discount = values["discount_cents"]
     if discount:
         subscription.balance_cents -= discount
         ledger(session, subscription, LedgerKind.CREDIT_APPLIED, -discount, CREDIT_APPLIED, invoice_id=invoice.id)
@@ -286,7 +335,7 @@ def void_invoice(
     and its unpaid boleto is marked canceled here. Returns that boleto's gateway id, which the caller
     cancels at the gateway after committing (never inside the transaction); None when there is none.
     """
-    from models.schema import Boleto
+    from jobs.boletos import live_boleto  # jobs.boletos builds on this module
     from models.states import BoletoStatus
 
     if invoice.status != InvoiceStatus.OPEN:
@@ -303,10 +352,7 @@ def void_invoice(
             invoice_id=invoice.id,
             change_request_id=change_request_id,
         )
-    live = (BoletoStatus.ISSUED, BoletoStatus.OVERDUE)
-    boleto = session.scalar(
-        select(Boleto).where(Boleto.invoice_id == invoice.id, Boleto.status.in_(live)).with_for_update()
-    )
+    boleto = live_boleto(session, invoice.id, lock=True)
     if boleto is not None:
         boleto.status = BoletoStatus.CANCELED
         return boleto.gateway_id

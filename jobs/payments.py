@@ -1,4 +1,6 @@
-"""Money coming in: card charges in three phases, their reconciliation, and boleto payments.
+"""Money coming in by card: charges in three phases, their consequences, and their reconciliation;
+the reads every flow shares about charges (is one in flight?) and the organization's card. Boletos
+are `jobs.boletos`.
 
 A card is charged in three steps so that it is never charged twice and never lost:
 1. `open_charge_attempt` records a `pending` attempt with its idempotency key (the caller commits);
@@ -12,17 +14,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
+from typing import Any
 
 import dramatiq
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, Select, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 import jobs
 from gateways.base import (
     Ambiguous,
-    BoletoRequest,
     ChargeRequest,
     ChargeResult,
     Declined,
@@ -30,20 +32,19 @@ from gateways.base import (
     GatewayError,
     GatewayRejected,
     IdempotencyConflict,
-    Payer,
     Unavailable,
     charge_many,
 )
+from jobs.boletos import boleto_notice, live_boleto
 from jobs.context import BillingConfig, current_session, runtime
-from jobs.invoicing import apply_credit, lock_subscription, mark_invoice_paid
+from jobs.invoicing import lock_subscription, mark_invoice_paid
 from jobs.notifications import notify
-from jobs.outbox import send_after_commit
 from jobs.retries import STANDARD
 from models.calendar import local_today
 from models.dunning import last_retry_day, next_retry_date
-from models.schema import Boleto, Card, Charge, GatewayEvent, Invoice, Subscription
+from models.schema import Card, Charge, Invoice, Subscription
 from models.states import (
-    BoletoStatus,
+    UNRESOLVED_CHARGE,
     ChargeStatus,
     InvoiceKind,
     InvoiceStatus,
@@ -93,7 +94,7 @@ def open_charge_attempt(session: Session, invoice: Invoice, card: Card) -> Charg
     attempts = session.execute(
         select(Charge.attempt, Charge.status).where(Charge.invoice_id == invoice.id).with_for_update()
     ).all()
-    if any(status in (ChargeStatus.PENDING, ChargeStatus.UNKNOWN, ChargeStatus.SUCCEEDED) for _, status in attempts):
+    if any(status in (*UNRESOLVED_CHARGE, ChargeStatus.SUCCEEDED) for _, status in attempts):
         return None
     attempt = max((number for number, _ in attempts), default=0) + 1
     charge_id = session.scalar(
@@ -154,22 +155,14 @@ def record_charge_outcome(
     charge = session.scalar(select(Charge).where(Charge.id == charge_id).with_for_update())
     if charge is None:
         raise LookupError(f"charge {charge_id} does not exist")
-    if charge.status not in (ChargeStatus.PENDING, ChargeStatus.UNKNOWN):
+    if charge.status not in UNRESOLVED_CHARGE:
         return charge.status
 
     match outcome:
         case ChargeResult(succeeded=True):
             charge.status = ChargeStatus.SUCCEEDED
             charge.gateway_id = outcome.gateway_id
-        case ChargeResult():
-            charge.status = ChargeStatus.FAILED
-            charge.gateway_id = outcome.gateway_id
-            charge.gateway_code, charge.gateway_message, charge.hard_decline = (
-                outcome.code,
-                outcome.message,
-                outcome.hard,
-            )
-        case Declined():
+        case ChargeResult() | Declined():
             charge.status = ChargeStatus.FAILED
             charge.gateway_id = outcome.gateway_id
             charge.gateway_code, charge.gateway_message, charge.hard_decline = (
@@ -255,11 +248,60 @@ def charge_and_record(
     return statuses
 
 
+# --- shared reads: charges in flight, the organization's card --------------------------------------
+
+
+def _charges_in_flight(column: Any, *, changes_only: bool) -> Select[Any]:
+    """`column` of the invoices having a charge whose outcome is not known yet; with `changes_only`,
+    of the open invoices of change requests (a cycle change, a subscribe) only."""
+    query = (
+        select(column)
+        .select_from(Invoice)
+        .join(Charge, Charge.invoice_id == Invoice.id)
+        .where(Charge.status.in_(UNRESOLVED_CHARGE))
+    )
+    if changes_only:
+        query = query.where(Invoice.kind != InvoiceKind.RENEWAL, Invoice.status == InvoiceStatus.OPEN)
+    return query
+
+
+def charge_in_flight(session: Session, subscription_id: int, *, changes_only: bool = False) -> int | None:
+    """The invoice of a charge of the subscription whose outcome is not known yet, or None. A flow that
+    computes from the subscription's money (a change request, a renewal, the end of a subscription)
+    waits for it: its outcome is about to change that money."""
+    query = _charges_in_flight(Invoice.id, changes_only=changes_only)
+    return session.scalar(query.where(Invoice.subscription_id == subscription_id).limit(1))
+
+
+def subscriptions_with_charge_in_flight(
+    session: Session, subscription_ids: Sequence[int], *, changes_only: bool = False
+) -> set[int]:
+    """`charge_in_flight` for a chunk of subscriptions: the ids of those that have one."""
+    query = _charges_in_flight(Invoice.subscription_id, changes_only=changes_only)
+    return set(session.scalars(query.where(Invoice.subscription_id.in_(subscription_ids))))
+
+
+def card_of_organization(organization_id: Any) -> ColumnElement[bool]:
+    """SQL condition on `Card`: the card on file of the organization (it has at most one, which every
+    subscription of the organization uses). `organization_id` is a value, or a column to join on."""
+    return Card.organization_id == organization_id
+
+
+def organization_card(session: Session, organization_id: int) -> Card | None:
+    return session.scalar(select(Card).where(card_of_organization(organization_id)))
+
+
+def awaiting_outcome_or_retry() -> ColumnElement[bool]:
+    """SQL condition on `Charge`: an attempt whose outcome is unknown, or a failed one with a retry
+    scheduled — while an invoice has one, its dunning waits."""
+    return Charge.status.in_(UNRESOLVED_CHARGE) | Charge.next_retry_on.is_not(None)
+
+
 # --- renewal consequences (dunning) ------------------------------------------------------------
 
 
 def card_display(charge: Charge, session: Session, organization_id: int) -> dict[str, str]:
-    card = session.scalar(select(Card).where(Card.organization_id == organization_id))
+    card = organization_card(session, organization_id)
     return {"brand": card.brand if card else "", "last4": charge.card_last4 or (card.last4 if card else "")}
 
 
@@ -345,16 +387,11 @@ def suspend(session: Session, subscription: Subscription, invoice: Invoice, *, n
         return
     subscription.status = SubscriptionStatus.SUSPENDED
     subscription.suspended_at = now
-    context = {"invoice_id": invoice.id, "amount_cents": invoice.total_cents, "reason": reason}
-    # The invoice's live boleto (a segunda via has a higher sequence): paying it reactivates.
-    boleto = session.scalar(
-        select(Boleto)
-        .where(Boleto.invoice_id == invoice.id, Boleto.status.in_([BoletoStatus.ISSUED, BoletoStatus.OVERDUE]))
-        .order_by(Boleto.sequence.desc())
-        .limit(1)
-    )
+    context: dict[str, Any] = {"invoice_id": invoice.id, "amount_cents": invoice.total_cents, "reason": reason}
+    # The invoice's live boleto: paying it reactivates.
+    boleto = live_boleto(session, invoice.id)
     if boleto is not None:
-        context["digitable_line"] = boleto.digitable_line
+        context |= boleto_notice(invoice, boleto, dunning=True)
         context["boleto_due_date"] = boleto.due_date.isoformat()
     notify(
         session,
@@ -375,7 +412,7 @@ def unresolved_charge_ids(session: Session, now: datetime, stale_after: timedelt
         session.scalars(
             select(Charge.id)
             .where(
-                Charge.status.in_([ChargeStatus.PENDING, ChargeStatus.UNKNOWN]),
+                Charge.status.in_(UNRESOLVED_CHARGE),
                 (Charge.status == ChargeStatus.UNKNOWN) | (Charge.created_at < now - stale_after),
             )
             .order_by(Charge.created_at)
@@ -393,7 +430,7 @@ def reconcile_charge(
     same request (same key, same card token) is sent again, which the gateway deduplicates.
     """
     charge = session.get(Charge, charge_id)
-    if charge is None or charge.status not in (ChargeStatus.PENDING, ChargeStatus.UNKNOWN):
+    if charge is None or charge.status not in UNRESOLVED_CHARGE:
         return charge.status if charge else "missing"
     prepared = prepare(charge)
     session.commit()
@@ -415,264 +452,3 @@ def reconcile_charges(charge_ids: list[int], now: str) -> None:
     instant = datetime.fromisoformat(now)
     for charge_id in charge_ids:
         reconcile_charge(session, gateway, charge_id, now=instant, config=runtime().config)
-
-
-# --- boleto payments (gateway webhooks) --------------------------------------------------------
-
-LIVE_BOLETO = (BoletoStatus.ISSUED, BoletoStatus.OVERDUE)
-
-
-def record_gateway_event(session: Session, event_id: str, *, now: datetime, config: BillingConfig) -> str:
-    """Apply one stored gateway event, once (a redelivered event is a no-op)."""
-    event = session.scalar(select(GatewayEvent).where(GatewayEvent.event_id == event_id).with_for_update())
-    if event is None:
-        raise LookupError(f"gateway event {event_id} was not stored")
-    if event.processed_at is not None:
-        return "duplicate"
-    data = event.payload.get("data", {})
-    today = local_today(now, config.timezone)
-    if event.type == "boleto.paid":
-        paid_on = date.fromisoformat(data["paid_on"]) if data.get("paid_on") else today
-        outcome = record_boleto_payment(
-            session, str(data["boleto_id"]), amount_cents=int(data["amount_cents"]), paid_on=paid_on, now=now
-        )
-    elif event.type == "boleto.expired":
-        outcome = record_boleto_expired(session, str(data["boleto_id"]), on=today)
-    else:
-        outcome = "ignored"
-    event.processed_at = now
-    return outcome
-
-
-def record_boleto_payment(session: Session, gateway_id: str, *, amount_cents: int, paid_on: date, now: datetime) -> str:
-    """A boleto was paid. Money for an open invoice pays it, whichever of its boletos was used (the
-    others are cancelled); anything above the invoice's total, and any payment for an invoice that no
-    longer takes it (voided, already paid), becomes the customer's credit — never kept, never lost."""
-    from jobs.refunds import credit_payment
-
-    boleto = session.scalar(select(Boleto).where(Boleto.gateway_id == gateway_id).with_for_update())
-    if boleto is None:
-        return "unknown_boleto"
-    if boleto.status == BoletoStatus.PAID:
-        return "already_paid"
-    invoice = session.scalar(
-        select(Invoice)
-        .where(Invoice.id == boleto.invoice_id)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    )
-    assert invoice is not None
-    subscription = lock_subscription(session, invoice.subscription_id)
-    assert subscription is not None
-    boleto.status = BoletoStatus.PAID
-    boleto.paid_on, boleto.paid_at, boleto.paid_amount_cents = paid_on, now, amount_cents
-    if invoice.status == InvoiceStatus.OPEN and amount_cents >= invoice.total_cents:
-        for other in session.scalars(
-            select(Boleto).where(
-                Boleto.invoice_id == invoice.id, Boleto.id != boleto.id, Boleto.status.in_(LIVE_BOLETO)
-            )
-        ):
-            other.status = BoletoStatus.CANCELED
-            send_after_commit(session, cancel_boleto_at_gateway, other.gateway_id)
-        mark_invoice_paid(session, invoice, paid_on=paid_on, now=now, amount_cents=invoice.total_cents, source="boleto")
-        if amount_cents > invoice.total_cents:
-            credit_payment(
-                session,
-                subscription,
-                invoice_id=invoice.id,
-                amount_cents=amount_cents - invoice.total_cents,
-                description="Valor pago acima do boleto convertido em crédito",
-                now=now,
-            )
-            return "paid_over"
-        return "paid"
-    if invoice.status == InvoiceStatus.OPEN:
-        # Less than the invoice's total: what was paid is applied to the invoice, which stays open
-        # (and in dunning, from its original due date) for the rest, with a segunda via for the rest.
-        logger.warning("boleto %s underpaid: %s of %s", gateway_id, amount_cents, invoice.total_cents)
-        credit_payment(
-            session,
-            subscription,
-            invoice_id=invoice.id,
-            amount_cents=amount_cents,
-            description="Pagamento parcial de boleto",
-            now=now,
-        )
-        apply_credit(session, subscription, invoice, amount_cents, description="Pagamento parcial aplicado à fatura")
-        boleto.replaced_on = paid_on
-        send_after_commit(session, issue_invoice_boleto, invoice.id)
-        return "underpaid"
-    # Paid although we had cancelled it (or its invoice was voided meanwhile): the money is the
-    # customer's, kept as credit for the next invoices (refunded if the subscription has ended).
-    credit_payment(
-        session,
-        subscription,
-        invoice_id=invoice.id,
-        amount_cents=amount_cents,
-        description="Pagamento de boleto cancelado convertido em crédito",
-        now=now,
-    )
-    return "credited"
-
-
-def record_boleto_expired(session: Session, gateway_id: str, *, on: date) -> str:
-    """The gateway let a boleto expire. Dunning goes on (the invoice stays open, its dates anchored at
-    the original due date); an open invoice of a live subscription gets a replacement (segunda via)."""
-    boleto = session.scalar(select(Boleto).where(Boleto.gateway_id == gateway_id).with_for_update())
-    if boleto is None:
-        return "unknown_boleto"
-    if boleto.status not in LIVE_BOLETO:
-        return boleto.status
-    boleto.status = BoletoStatus.EXPIRED
-    invoice = session.get_one(Invoice, boleto.invoice_id)
-    subscription = session.get_one(Subscription, invoice.subscription_id)
-    if invoice.status == InvoiceStatus.OPEN and subscription.status != SubscriptionStatus.CANCELED:
-        boleto.replaced_on = on
-        send_after_commit(session, issue_invoice_boleto, invoice.id)
-        return "expired_reissuing"
-    return "expired"
-
-
-@dramatiq.actor(queue_name="payments", **STANDARD)
-def process_gateway_event(event_id: str) -> None:
-    session = current_session()
-    record_gateway_event(session, event_id, now=datetime.now(UTC), config=runtime().config)
-
-
-# --- boleto issuance ---------------------------------------------------------------------------
-
-# What a boleto pays, for its notice: its invoice's kind ("reissue" for a replacement, a segunda via).
-BOLETO_PURPOSES: dict[str, str] = {kind: kind.value for kind in InvoiceKind}
-
-
-def boleto_idempotency_key(invoice_id: int, sequence: int = 1) -> str:
-    return f"boleto:{invoice_id}" if sequence == 1 else f"boleto:{invoice_id}:{sequence}"
-
-
-def issue_boleto(session: Session, gateway: Gateway, invoice_id: int, *, config: BillingConfig) -> Boleto | None:
-    """Issue the boleto of an open boleto invoice that has no live one (none yet, or the last one expired,
-    was given up or underpaid), once; the gateway call happens
-    outside any transaction, keyed by the invoice and the boleto's sequence, so an interrupted issue is
-    completed by the next attempt with the same request.
-
-    The first boleto is due on the invoice's due date; a replacement (segunda via, after the previous one
-    expired or was given up) BOLETO_DUE_DAYS after the day it was replaced, and keeps the invoice's
-    dunning state (overdue since the original due date). Returns the live boleto, or None when the
-    invoice no longer needs one.
-    """
-    invoice = session.get(Invoice, invoice_id, populate_existing=True)
-    if invoice is None or invoice.status != InvoiceStatus.OPEN or invoice.method != PaymentMethod.BOLETO:
-        return None
-    boletos = session.scalars(select(Boleto).where(Boleto.invoice_id == invoice_id).order_by(Boleto.sequence)).all()
-    live = next((boleto for boleto in boletos if boleto.status in LIVE_BOLETO), None)
-    if live is not None:
-        return live
-    previous = boletos[-1] if boletos else None
-    sequence = previous.sequence + 1 if previous else 1
-    if previous is None:
-        due_date = invoice.due_date
-    else:
-        replaced_on = previous.replaced_on or local_today(previous.created_at, config.timezone)
-        due_date = replaced_on + timedelta(days=config.boleto_due_days)
-    overdue_on = previous.overdue_on if previous else None
-    organization = invoice.subscription.organization
-    request = BoletoRequest(
-        invoice_id=invoice.id, amount_cents=invoice.total_cents, description=boleto_description(invoice)
-    )
-    payer = Payer(name=organization.name, document=organization.document or "", email=None)
-    session.commit()
-
-    issued = gateway.issue_boleto(request, payer, due_date, boleto_idempotency_key(invoice_id, sequence))
-
-    # The invoice may have been voided (a cycle change, a cancellation) while the gateway answered.
-    invoice = session.scalar(
-        select(Invoice).where(Invoice.id == invoice_id).with_for_update().execution_options(populate_existing=True)
-    )
-    assert invoice is not None
-    still_wanted = invoice.status == InvoiceStatus.OPEN
-    if not still_wanted:
-        status = BoletoStatus.CANCELED
-    elif overdue_on is not None:
-        status = BoletoStatus.OVERDUE
-    else:
-        status = BoletoStatus.ISSUED
-    boleto_id = session.scalar(
-        insert(Boleto)
-        .values(
-            invoice_id=invoice_id,
-            sequence=sequence,
-            gateway_id=issued.gateway_id,
-            nosso_numero=issued.nosso_numero,
-            barcode=issued.barcode,
-            digitable_line=issued.digitable_line,
-            amount_cents=issued.amount_cents,
-            due_date=issued.due_date,
-            status=status,
-            overdue_on=overdue_on,
-        )
-        .on_conflict_do_nothing()
-        .returning(Boleto.id)
-    )
-    if boleto_id is None:  # recorded meanwhile by a concurrent attempt with the same key
-        session.commit()
-        return session.scalar(
-            select(Boleto).where(Boleto.invoice_id == invoice_id, Boleto.status.in_(LIVE_BOLETO)).limit(1)
-        )
-    if not still_wanted:
-        # Recorded all the same, so a payment of it is recognised (and becomes credit).
-        send_after_commit(session, cancel_boleto_at_gateway, issued.gateway_id)
-        session.commit()
-        return None
-    notify(
-        session,
-        organization_id=invoice.organization_id,
-        subscription_id=invoice.subscription_id,
-        kind="boleto_issued",
-        dedupe_key=f"boleto_issued:{boleto_id}",
-        context={
-            "invoice_id": invoice.id,
-            "amount_cents": issued.amount_cents,
-            "due_date": issued.due_date.isoformat(),
-            "digitable_line": issued.digitable_line,
-            "period_start": invoice.period_start.isoformat(),
-            "period_end": invoice.period_end.isoformat(),
-            "purpose": "reissue" if sequence > 1 else BOLETO_PURPOSES[invoice.kind],
-        },
-    )
-    session.commit()
-    return session.get(Boleto, boleto_id)
-
-
-def boleto_description(invoice: Invoice) -> str:
-    from models.calendar import format_date_br
-    from models.policy import cycle_name
-
-    return (
-        f"CONECTA — assinatura {cycle_name(invoice.cycle)} de {format_date_br(invoice.period_start)} "
-        f"a {format_date_br(invoice.period_end)}"
-    )
-
-
-@dramatiq.actor(queue_name="payments", **STANDARD)
-def issue_invoice_boleto(invoice_id: int) -> None:
-    """Issue an open invoice's missing boleto now (the daily run would find it too)."""
-    issue_boleto(current_session(), runtime().gateway_factory(), invoice_id, config=runtime().config)
-
-
-def cancel_boleto_at(gateway: Gateway, gateway_id: str) -> str:
-    """Cancel at the gateway a boleto already marked canceled here; safe to repeat."""
-    try:
-        gateway.cancel_boleto(gateway_id)
-    except Ambiguous as exc:
-        # Cancelling is idempotent at the gateway, so an unknown outcome is simply asked again.
-        raise Unavailable(f"boleto {gateway_id}: cancel outcome unknown: {exc}") from exc
-    except GatewayRejected as exc:
-        # Typically paid in the meantime: the payment webhook turns it into credit.
-        logger.warning("boleto %s not canceled at the gateway: %s", gateway_id, exc)
-        return exc.code
-    return "canceled"
-
-
-@dramatiq.actor(queue_name="payments", **STANDARD)
-def cancel_boleto_at_gateway(gateway_id: str) -> None:
-    cancel_boleto_at(runtime().gateway_factory(), gateway_id)

@@ -9,38 +9,42 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
-from sqlalchemy import select, text, update
+from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from gateways.base import Gateway
+from jobs.boletos import awaiting_boleto, boleto_notice
 from jobs.context import BillingConfig
 from jobs.gateway_work import GatewayWork, settle
 from jobs.invoicing import (
     CREDIT_APPLIED,
     create_renewal_invoice,
+    insert_renewal_invoices,
     lock_subscription,
     mark_invoice_paid,
     next_period_end,
-    plan_price,
     renewal_invoice,
+    renewal_invoice_values,
 )
 from jobs.notifications import notify
 from jobs.payments import (
-    LIVE_BOLETO,
+    card_of_organization,
+    charge_in_flight,
     idempotency_key,
     notify_charge_failed,
     open_charge_attempt,
+    organization_card,
     prepare,
+    subscriptions_with_charge_in_flight,
 )
 from jobs.refunds import end_subscription
-from models.policy import NO_CARD_ON_FILE, late_boleto_due_date
+from models.policy import NO_CARD_ON_FILE, late_boleto_due_date, renewal_boleto_due
 from models.schema import Boleto, Card, Charge, Invoice, LedgerEntry, Subscription
 from models.states import (
     BoletoStatus,
     ChargeStatus,
     Cycle,
-    InvoiceKind,
     InvoiceStatus,
     LedgerKind,
     PaymentMethod,
@@ -74,13 +78,16 @@ def issue_renewal_boleto(session: Session, subscription_id: int, work: Work) -> 
     if subscription is None:
         return
     renewal = subscription.current_period_end
-    due_now = renewal - timedelta(days=work.config.boleto_lead_days) <= work.on
-    if (
-        due_now
-        and subscription.status in (SubscriptionStatus.ACTIVE, SubscriptionStatus.PAST_DUE)
-        and subscription.cycle == Cycle.ANNUAL
-        and subscription.effective_payment_method == PaymentMethod.BOLETO
-        and not subscription.cancel_at_period_end
+    if renewal_boleto_due(
+        cycle=subscription.cycle,
+        status=subscription.status,
+        payment_method=subscription.payment_method,
+        pending_payment_method=subscription.pending_payment_method,
+        cancel_at_period_end=subscription.cancel_at_period_end,
+        renewal_date=renewal,
+        invoiced=renewal_invoice(session, subscription.id, renewal) is not None,
+        today=work.on,
+        lead_days=work.config.boleto_lead_days,
     ):
         invoice = create_renewal_invoice(
             session,
@@ -99,12 +106,7 @@ def issue_renewal_boleto(session: Session, subscription_id: int, work: Work) -> 
 def queue_missing_boletos(session: Session, subscription_id: int, work: Work) -> None:
     """Every open boleto invoice of the subscription without its boleto (new, or an interrupted issue)."""
     missing = session.scalars(
-        select(Invoice.id).where(
-            Invoice.subscription_id == subscription_id,
-            Invoice.status == InvoiceStatus.OPEN,
-            Invoice.method == PaymentMethod.BOLETO,
-            ~select(Boleto.id).where(Boleto.invoice_id == Invoice.id, Boleto.status.in_(LIVE_BOLETO)).exists(),
-        )
+        select(Invoice.id).where(Invoice.subscription_id == subscription_id, *awaiting_boleto())
     ).all()
     work.boleto_invoices.extend(missing)
 
@@ -121,14 +123,14 @@ def renew(session: Session, subscription_id: int, work: Work) -> None:
         return
     if subscription.cancel_at_period_end:
         # Never end while a charge of the subscription is unresolved: its money must find its invoice.
-        if not charge_in_flight(session, subscription.id):
+        if charge_in_flight(session, subscription.id) is None:
             ended_on = subscription.current_period_end
             work.boletos_to_cancel.extend(end_subscription(session, subscription, ended_on=ended_on, now=work.now))
             work.done += 1
         return
     if subscription.status == SubscriptionStatus.SUSPENDED:
         return  # not renewed while its outstanding invoice is unpaid
-    if charge_in_flight(session, subscription.id, changes_only=True):
+    if charge_in_flight(session, subscription.id, changes_only=True) is not None:
         return  # a cycle change is being charged: renew after it resolves, on the period it leaves
 
     renewal = subscription.current_period_end
@@ -168,7 +170,7 @@ def renew(session: Session, subscription_id: int, work: Work) -> None:
     if invoice.status == InvoiceStatus.OPEN and invoice.total_cents == 0:
         mark_invoice_paid(session, invoice, paid_on=work.on, now=work.now, amount_cents=0, source="crédito")
     elif invoice.status == InvoiceStatus.OPEN and invoice.method == PaymentMethod.CARD:
-        card = session.scalar(select(Card).where(Card.organization_id == subscription.organization_id))
+        card = organization_card(session, subscription.organization_id)
         if card is None:
             no_card_on_file(session, subscription, invoice)
         else:
@@ -202,27 +204,14 @@ def renew_many(session: Session, subscription_ids: Sequence[int], work: Work) ->
             Card.token.label("card_token"),
             Card.last4.label("card_last4"),
         )
-        .outerjoin(Card, Card.organization_id == Subscription.organization_id)
+        .outerjoin(Card, card_of_organization(Subscription.organization_id))
         .where(Subscription.id.in_(subscription_ids))
         .order_by(Subscription.id)
         .with_for_update(of=Subscription)
     ).all()
-    in_flight = set(
-        session.scalars(
-            select(Invoice.subscription_id)
-            .join(Charge, Charge.invoice_id == Invoice.id)
-            .where(
-                Invoice.subscription_id.in_(subscription_ids),
-                Invoice.kind != InvoiceKind.RENEWAL,
-                Invoice.status == InvoiceStatus.OPEN,
-                Charge.status.in_([ChargeStatus.PENDING, ChargeStatus.UNKNOWN]),
-            )
-        )
-    )
+    in_flight = subscriptions_with_charge_in_flight(session, subscription_ids, changes_only=True)
     plain, invoices = {}, []
     for row in rows:
-        price = plan_price(session, row.product, row.cycle, row.current_period_end)
-        discount = min(row.balance_cents, price)
         if (
             row.current_period_end > work.on
             or row.status not in (SubscriptionStatus.ACTIVE, SubscriptionStatus.PAST_DUE)
@@ -231,35 +220,19 @@ def renew_many(session: Session, subscription_ids: Sequence[int], work: Work) ->
             or row.payment_method != PaymentMethod.CARD
             or row.card_id is None
             or row.id in in_flight
-            or price - discount <= 0
         ):
             continue
-        plain[row.id] = row
         renewal = row.current_period_end
-        invoices.append(
-            {
-                "subscription_id": row.id,
-                "organization_id": row.organization_id,
-                "kind": InvoiceKind.RENEWAL.value,
-                "cycle": row.cycle,
-                "period_start": renewal,
-                "period_end": next_period_end(row, renewal),
-                "amount_cents": price,
-                "discount_cents": discount,
-                "total_cents": price - discount,
-                "method": PaymentMethod.CARD.value,
-                "due_date": renewal,
-            }
+        values = renewal_invoice_values(
+            session, row, period_start=renewal, method=PaymentMethod.CARD.value, due_date=renewal
         )
+        if values["total_cents"] <= 0:
+            continue
+        plain[row.id] = row
+        invoices.append(values)
     created = (
         session.execute(
-            insert(Invoice)
-            .values(invoices)
-            .on_conflict_do_nothing(
-                index_elements=["subscription_id", "period_start"],
-                index_where=text("kind = 'renewal' AND status <> 'void'"),
-            )
-            .returning(
+            insert_renewal_invoices(invoices).returning(
                 Invoice.id, Invoice.subscription_id, Invoice.period_end, Invoice.total_cents, Invoice.discount_cents
             )
         ).all()
@@ -320,23 +293,6 @@ def renew_many(session: Session, subscription_ids: Sequence[int], work: Work) ->
     return [subscription_id for subscription_id in subscription_ids if subscription_id not in renewed]
 
 
-def charge_in_flight(session: Session, subscription_id: int, *, changes_only: bool = False) -> bool:
-    """A charge of the subscription whose outcome is not known yet (of a change-request invoice —
-    cycle change, subscribe — only, with `changes_only`)."""
-    query = (
-        select(Charge.id)
-        .join(Invoice, Invoice.id == Charge.invoice_id)
-        .where(
-            Invoice.subscription_id == subscription_id,
-            Charge.status.in_([ChargeStatus.PENDING, ChargeStatus.UNKNOWN]),
-        )
-        .limit(1)
-    )
-    if changes_only:
-        query = query.where(Invoice.kind != InvoiceKind.RENEWAL, Invoice.status == InvoiceStatus.OPEN)
-    return session.scalar(query) is not None
-
-
 def no_card_on_file(session: Session, subscription: Subscription, invoice: Invoice) -> None:
     if subscription.status == SubscriptionStatus.ACTIVE:
         subscription.status = SubscriptionStatus.PAST_DUE
@@ -374,7 +330,7 @@ def retry_charge(session: Session, invoice_id: int, work: Work) -> None:
     )
     if due is None:
         return
-    card = session.scalar(select(Card).where(Card.organization_id == invoice.organization_id))
+    card = organization_card(session, invoice.organization_id)
     if invoice.status != InvoiceStatus.OPEN or subscription.status == SubscriptionStatus.CANCELED or card is None:
         for charge in session.scalars(select(Charge).where(Charge.invoice_id == invoice_id)):
             charge.next_retry_on = None
@@ -401,14 +357,7 @@ def send_boleto_reminder(session: Session, boleto_id: int, work: Work) -> None:
         subscription_id=invoice.subscription_id,
         kind="boleto_reminder",
         dedupe_key=f"boleto_reminder:{boleto.id}",
-        context={
-            "invoice_id": invoice.id,
-            "amount_cents": boleto.amount_cents,
-            "due_date": boleto.due_date.isoformat(),
-            "digitable_line": boleto.digitable_line,
-            "period_start": invoice.period_start.isoformat(),
-            "period_end": invoice.period_end.isoformat(),
-        },
+        context=boleto_notice(invoice, boleto),
     )
     work.done += created is not None
 
@@ -429,10 +378,13 @@ def send_renewal_notice(session: Session, subscription_id: int, work: Work) -> N
     renewal = subscription.current_period_end
     if not work.on < renewal <= work.on + timedelta(days=RENEWAL_NOTICE_DAYS):
         return
-    price = plan_price(session, subscription.product, subscription.cycle, renewal)
+    # What the renewal invoice will ask (the price then, less the credit balance).
+    upcoming = renewal_invoice_values(
+        session, subscription, period_start=renewal, method=subscription.effective_payment_method, due_date=renewal
+    )
     context = {
         "renewal_date": renewal.isoformat(),
-        "amount_cents": price - min(price, subscription.balance_cents),
+        "amount_cents": upcoming["total_cents"],
         "cycle": subscription.cycle,
         "payment_method": subscription.effective_payment_method,
     }

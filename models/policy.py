@@ -208,6 +208,34 @@ def boleto_issue_date(renewal_date: date, lead_days: int = BOLETO_LEAD_DAYS_DEFA
     return renewal_date - timedelta(days=lead_days)
 
 
+def renewal_boleto_due(
+    *,
+    cycle: str,
+    status: str,
+    payment_method: str,
+    pending_payment_method: str | None,
+    cancel_at_period_end: bool,
+    renewal_date: date,
+    invoiced: bool,
+    today: date,
+    lead_days: int = BOLETO_LEAD_DAYS_DEFAULT,
+) -> bool:
+    """Whether the boleto invoice of the renewal on `renewal_date` is due to be created on `today` (T − 7):
+    an annual subscription still billed (active or past due) whose effective method is boleto, not
+    cancelled at the period's end, whose issue day has come and whose renewal is not invoiced yet.
+
+    jobs.billing_day.scan_boletos_to_issue is this rule as an indexed SQL scan; a handler re-checks it
+    here under the row lock."""
+    return (
+        cycle == Cycle.ANNUAL
+        and status in (SubscriptionStatus.ACTIVE, SubscriptionStatus.PAST_DUE)
+        and effective_payment_method(payment_method, pending_payment_method) == PaymentMethod.BOLETO
+        and not cancel_at_period_end
+        and boleto_issue_date(renewal_date, lead_days) <= today
+        and not invoiced
+    )
+
+
 def boleto_switch_deadline(renewal_date: date, lead_days: int = BOLETO_LEAD_DAYS_DEFAULT) -> date:
     """Last day on which boleto → card is still accepted for this renewal (the day before the issue)."""
     return boleto_issue_date(renewal_date, lead_days) - timedelta(days=1)

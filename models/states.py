@@ -43,6 +43,11 @@ class ChargeStatus(StrEnum):
     UNKNOWN = "unknown"
 
 
+# A charge whose outcome is not known yet: never retried blindly, only reconciled by its key. While a
+# subscription has one, flows that compute from its money wait (jobs.payments.charge_in_flight).
+UNRESOLVED_CHARGE: Final[tuple[ChargeStatus, ...]] = (ChargeStatus.PENDING, ChargeStatus.UNKNOWN)
+
+
 class BoletoStatus(StrEnum):
     ISSUED = "issued"
     PAID = "paid"

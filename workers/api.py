@@ -73,8 +73,8 @@ async def gateway_webhook(
 ) -> dict[str, str]:
     """A signed gateway event (boleto paid or expired): stored once by its id, then processed on the
     `payments` queue. Answering 2xx acknowledges it; a redelivery of the same event is a no-op."""
+    from jobs.boletos import process_gateway_event
     from jobs.outbox import send_after_commit
-    from jobs.payments import process_gateway_event
     from models.schema import GatewayEvent
 
     body = await request.body()
@@ -481,6 +481,7 @@ def get_change_request(change_request_id: int, session: SessionDep) -> ChangeReq
 )
 def get_subscription(subscription_id: int, session: SessionDep) -> SubscriptionOut:
     """A subscription as "Minhas assinaturas" shows it, with its open invoices and their boletos."""
+    from jobs.boletos import LIVE_BOLETO
     from models.schema import Boleto, Invoice, Subscription
 
     subscription = session.get(Subscription, subscription_id)
@@ -489,7 +490,7 @@ def get_subscription(subscription_id: int, session: SessionDep) -> SubscriptionO
     rows = session.execute(
         select(Invoice, Boleto)
         # The boleto to pay: the live one (an expired or replaced one is history).
-        .outerjoin(Boleto, (Boleto.invoice_id == Invoice.id) & Boleto.status.in_(["issued", "overdue"]))
+        .outerjoin(Boleto, (Boleto.invoice_id == Invoice.id) & Boleto.status.in_(LIVE_BOLETO))
         .where(Invoice.subscription_id == subscription.id, Invoice.status == "open")
         .order_by(Invoice.due_date, Invoice.id)
     ).all()

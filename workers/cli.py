@@ -255,7 +255,7 @@ def scheduler(
     from datetime import UTC, datetime
 
     wire()
-    from jobs.billing_day import tick
+    from jobs.tick import tick
 
     settings = get_settings()
     period = interval or settings.tick_interval_seconds

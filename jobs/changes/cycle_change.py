@@ -13,7 +13,6 @@ import jobs
 from jobs.changes.outcome import Run, apply, consequence_run, declined, handles, reject, send_cancellations, void
 from jobs.changes.queries import (
     lock_own_subscription,
-    organization_card,
     paid_invoice_for_period,
     paid_unstarted_invoices,
     past_due_invoice,
@@ -23,8 +22,15 @@ from jobs.changes.queries import (
 from jobs.changes.recording import change_date
 from jobs.context import BillingConfig
 from jobs.contract import BillingCycleChange
-from jobs.invoicing import MissingPlan, ledger, lock_subscription, plan_price, void_unused_paid_invoice
-from jobs.payments import consequence, mark_paid_by_card, open_charge_attempt, prepare
+from jobs.invoicing import (
+    MissingPlan,
+    invoice_values,
+    ledger,
+    lock_subscription,
+    plan_price,
+    void_unused_paid_invoice,
+)
+from jobs.payments import consequence, mark_paid_by_card, open_charge_attempt, organization_card, prepare
 from models import policy
 from models.calendar import ANNUAL, MONTHLY
 from models.policy import UNKNOWN_PRODUCT, RuleViolation
@@ -109,19 +115,19 @@ def _billing_cycle(run: Run, params: BillingCycleChange) -> None:
     amount_due = quote.amount_due_cents
     boleto = method == PaymentMethod.BOLETO
     invoice = Invoice(
-        subscription_id=subscription.id,
-        organization_id=subscription.organization_id,
-        change_request_id=run.request.id,
-        kind=InvoiceKind.CYCLE_CHANGE,
-        cycle=params.to_cycle,
-        period_start=on,
-        period_end=period_end,
-        amount_cents=price,
-        discount_cents=credit_used,
-        total_cents=amount_due,
-        status=InvoiceStatus.OPEN,
-        method=method,
-        due_date=on + timedelta(days=run.config.boleto_due_days) if boleto and amount_due else on,
+        **invoice_values(
+            subscription_id=subscription.id,
+            organization_id=subscription.organization_id,
+            change_request_id=run.request.id,
+            kind=InvoiceKind.CYCLE_CHANGE,
+            cycle=params.to_cycle,
+            period_start=on,
+            period_end=period_end,
+            amount_cents=price,
+            discount_cents=credit_used,  # the total is the quote's amount due (price − credit applied)
+            method=method,
+            due_date=on + timedelta(days=run.config.boleto_due_days) if boleto and amount_due else on,
+        )
     )
     session.add(invoice)
     session.flush()

@@ -14,12 +14,12 @@ from sqlalchemy.orm import Session
 
 import jobs
 from gateways.base import Gateway
+from jobs.boletos import cancel_boleto_at_gateway
 from jobs.context import BillingConfig
 from jobs.gateway_work import GatewayWork
 from jobs.invoicing import ledger, void_invoice
 from jobs.notifications import DECLINE_REASONS, notify
 from jobs.outbox import send_after_commit
-from jobs.payments import cancel_boleto_at_gateway
 from models import policy
 from models.policy import ORGANIZATION_NOT_FOUND, RuleViolation
 from models.schema import ChangeRequest, Charge, Invoice, Member, Organization, Subscription

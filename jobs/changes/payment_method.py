@@ -8,8 +8,9 @@ from sqlalchemy.orm import Session
 
 import jobs
 from jobs.changes.outcome import Run, apply, handles
-from jobs.changes.queries import lock_own_subscription, organization_card, require_document, upcoming_renewal_invoice
+from jobs.changes.queries import lock_own_subscription, require_document, upcoming_renewal_invoice
 from jobs.contract import PaymentMethodSwitch
+from jobs.payments import organization_card
 from models import policy
 from models.schema import Subscription
 from models.states import PaymentMethod

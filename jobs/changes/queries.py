@@ -1,5 +1,6 @@
-"""The reads the change-request flows share: the subscription and card of the organization, charges in
-flight, past-due and paid invoices."""
+"""The reads the change-request flows share: the organization's subscription, the wait for a charge in
+flight, past-due and paid invoices. (The organization's card and the charges in flight are
+`jobs.payments`' reads, shared with the daily run.)"""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from sqlalchemy.orm import Session
 import jobs
 from jobs.changes.outcome import Run, WaitForCharge
 from jobs.invoicing import lock_subscription
+from jobs.payments import charge_in_flight
 from models.dunning import is_past_due
 from models.policy import DOCUMENT_REQUIRED, SUBSCRIPTION_NOT_FOUND, RuleViolation
-from models.schema import Card, Charge, Invoice, LedgerEntry, Organization, Subscription
+from models.schema import Invoice, LedgerEntry, Organization, Subscription
 from models.states import ChargeStatus, InvoiceKind, InvoiceStatus, LedgerKind
 
 jobs.require_broker()
@@ -33,10 +35,6 @@ def lock_own_subscription(run: Run, subscription_id: int) -> Subscription:
     return subscription
 
 
-def organization_card(session: Session, organization_id: int) -> Card | None:
-    return session.scalar(select(Card).where(Card.organization_id == organization_id))
-
-
 def require_document(organization: Organization | None) -> None:
     if organization is None or not organization.document:
         raise RuleViolation(
@@ -53,16 +51,7 @@ def request_invoice(session: Session, request_id: int) -> Invoice | None:
 def wait_for_charges(session: Session, subscription: Subscription) -> None:
     """A charge whose outcome is not known yet (an upgrade, a subscription's first payment, a renewal)
     would make a change compute from a state that is about to change: the request waits for it."""
-    in_flight = session.scalar(
-        select(Invoice.id)
-        .join(Charge, Charge.invoice_id == Invoice.id)
-        .where(
-            Invoice.subscription_id == subscription.id,
-            Invoice.status == InvoiceStatus.OPEN,
-            Charge.status.in_([ChargeStatus.PENDING, ChargeStatus.UNKNOWN]),
-        )
-        .limit(1)
-    )
+    in_flight = charge_in_flight(session, subscription.id)
     if in_flight is not None:
         raise WaitForCharge(in_flight)
 

@@ -8,13 +8,13 @@ from datetime import timedelta
 from sqlalchemy import select
 
 import jobs
+from jobs.boletos import live_boleto
 from jobs.changes.outcome import Run, apply, handles
 from jobs.changes.queries import lock_own_subscription
 from jobs.contract import ReissueBoleto
-from jobs.payments import LIVE_BOLETO
 from models import policy
 from models.policy import NO_OPEN_BOLETO, RuleViolation
-from models.schema import Boleto, Invoice
+from models.schema import Invoice
 from models.states import BoletoStatus, InvoiceStatus, PaymentMethod
 
 jobs.require_broker()
@@ -47,9 +47,7 @@ def _reissue_boleto(run: Run, params: ReissueBoleto) -> None:
             "Esta assinatura não tem boleto em aberto: não há segunda via a emitir.",
             subscription_id=subscription.id,
         )
-    replaced = session.scalar(
-        select(Boleto).where(Boleto.invoice_id == invoice.id, Boleto.status.in_(LIVE_BOLETO)).with_for_update()
-    )
+    replaced = live_boleto(session, invoice.id, lock=True)
     if replaced is not None:
         replaced.status = BoletoStatus.CANCELED
         replaced.replaced_on = run.on

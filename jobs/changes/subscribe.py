@@ -12,11 +12,11 @@ from sqlalchemy.orm import Session
 
 import jobs
 from jobs.changes.outcome import Run, apply, consequence_run, declined, handles, reject, send_cancellations
-from jobs.changes.queries import organization_card, require_document
+from jobs.changes.queries import require_document
 from jobs.context import BillingConfig
 from jobs.contract import Subscribe
-from jobs.invoicing import MissingPlan, lock_subscription, plan_price
-from jobs.payments import consequence, mark_paid_by_card, open_charge_attempt, prepare
+from jobs.invoicing import MissingPlan, invoice_values, lock_subscription, plan_price
+from jobs.payments import consequence, mark_paid_by_card, open_charge_attempt, organization_card, prepare
 from models import policy
 from models.calendar import add_cycle
 from models.policy import ALREADY_SUBSCRIBED, UNKNOWN_PRODUCT, RuleViolation
@@ -81,19 +81,19 @@ def _subscribe(run: Run, params: Subscribe) -> None:
     run.request.subscription_id = subscription.id
     boleto = params.payment_method == PaymentMethod.BOLETO
     invoice = Invoice(
-        subscription_id=subscription.id,
-        organization_id=organization.id,
-        change_request_id=run.request.id,
-        kind=InvoiceKind.SUBSCRIBE,
-        cycle=params.cycle,
-        period_start=on,
-        period_end=period_end,
-        amount_cents=price,
-        discount_cents=0,
-        total_cents=price,
-        status=InvoiceStatus.OPEN,
-        method=params.payment_method,
-        due_date=on + timedelta(days=run.config.boleto_due_days) if boleto else on,
+        **invoice_values(
+            subscription_id=subscription.id,
+            organization_id=organization.id,
+            change_request_id=run.request.id,
+            kind=InvoiceKind.SUBSCRIBE,
+            cycle=params.cycle,
+            period_start=on,
+            period_end=period_end,
+            amount_cents=price,
+            discount_cents=0,
+            method=params.payment_method,
+            due_date=on + timedelta(days=run.config.boleto_due_days) if boleto else on,
+        )
     )
     session.add(invoice)
     session.flush()

@@ -21,8 +21,15 @@ from jobs.invoicing import MissingPlan, plan_price
 from jobs.plans import PlanError, parse_reais, price_list, set_prices
 from models.calendar import add_cycle, local_today
 from models.schema import AuditEvent, Invoice, Notification, Plan
-from tests.factories import ANNUAL_PRICE, MONTHLY_PRICE, make_organization, make_subscription, noon, seed_plans
-from tests.test_cli import renova
+from tests.integration.factories import (
+    ANNUAL_PRICE,
+    MONTHLY_PRICE,
+    make_organization,
+    make_subscription,
+    noon,
+    seed_plans,
+)
+from tests.integration.test_cli import renova
 from workers.settings import get_settings
 
 API_KEY = "plans-test-key"

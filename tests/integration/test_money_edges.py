@@ -3,7 +3,7 @@ suspension then cancellation, charges in flight, refunds. Each scenario runs thr
 run (`run_day`: the same scans and handlers as the fanned-out run) and the change-request functions,
 against real PostgreSQL and the sandbox gateway process, and ends with a clean ledger check.
 
-Prices (tests.factories): monthly R$ 49,90, annual R$ 479,00.
+Prices (tests.integration.factories): monthly R$ 49,90, annual R$ 479,00.
 """
 
 from __future__ import annotations
@@ -13,14 +13,22 @@ from datetime import date, timedelta
 import pytest
 from sqlalchemy import select
 
+from jobs.boletos import record_boleto_expired, record_boleto_payment
 from jobs.changes import process_request
-from jobs.payments import reconcile_charge, record_boleto_expired, record_boleto_payment
+from jobs.payments import reconcile_charge
 from jobs.refunds import execute_refund, mark_payout_paid
 from models.proration import quote_cycle_change
 from models.schema import AuditEvent, Boleto, ChangeRequest, Charge, Invoice, Notification, Refund, Subscription
-from tests.factories import ANNUAL_PRICE, MONTHLY_PRICE, make_organization, make_subscription, noon, seed_plans
-from tests.test_billing_run import travel
-from tests.test_changes import CONFIG, ledger_of, payload, setup_organization, submit, subscription_for
+from tests.integration.factories import (
+    ANNUAL_PRICE,
+    MONTHLY_PRICE,
+    make_organization,
+    make_subscription,
+    noon,
+    seed_plans,
+)
+from tests.integration.test_billing_run import travel
+from tests.integration.test_changes import CONFIG, ledger_of, payload, setup_organization, submit, subscription_for
 
 pytestmark = pytest.mark.usefixtures("ledger_checked")
 
@@ -387,7 +395,7 @@ class VoidsDuringTheCall:
 def test_a_boleto_issued_for_an_invoice_voided_meanwhile_is_cancelled_and_not_announced(
     session, worker, billing_gateway, sandbox_gateway
 ):
-    from tests.conftest import wait_until
+    from tests.integration.conftest import wait_until
 
     subscription = annual_boleto(session)
     on = RENEWAL - timedelta(days=7)
@@ -592,7 +600,7 @@ def test_inactive_requester_is_not_emailed_a_rejection(session, billing_gateway)
 
 
 def test_oncall_lists_and_closes_a_payout_from_the_command_line(session, billing_gateway, sandbox_gateway):
-    from tests.test_cli import renova
+    from tests.integration.test_cli import renova
 
     subscription = annual_boleto(session)
     travel(session, billing_gateway, RENEWAL - timedelta(days=7), RENEWAL - timedelta(days=7))

@@ -14,12 +14,13 @@ from dramatiq.middleware import Middleware
 from sqlalchemy import func, select, text
 
 from gateways.base import ChargeRequest
-from jobs.billing_day import TASKS, process_chunk, run_billing_day, scan_run, tick_once
+from jobs.billing_day import TASKS, process_chunk, run_billing_day, scan_run
 from jobs.context import runtime
 from jobs.renewals import Work, renew
+from jobs.tick import tick_once
 from models.schema import BillingRun, Charge, Invoice, Subscription
-from tests.conftest import wait_until
-from tests.factories import make_organization, make_subscription, noon, seed_plans
+from tests.integration.conftest import wait_until
+from tests.integration.factories import make_organization, make_subscription, noon, seed_plans
 from workers.db import get_session_factory
 
 RUN_AT = time(6, 0)
@@ -162,7 +163,7 @@ def busy_day(session) -> None:
 
 
 def run_scenario(session, *, twice: bool) -> dict[str, list[tuple]]:
-    from tests.conftest import _broker
+    from tests.integration.conftest import _broker
 
     duplicator = DeliverTwice()
     if twice:
@@ -184,7 +185,7 @@ def run_scenario(session, *, twice: bool) -> dict[str, list[tuple]]:
 
 
 def test_every_message_delivered_twice_changes_nothing(session, worker, billing_gateway, sandbox_gateway, broker):
-    from tests.conftest import _reset_between
+    from tests.integration.conftest import _reset_between
 
     before = len(sandbox_gateway.ledger(kind="charge"))
     once = run_scenario(session, twice=False)
@@ -343,7 +344,7 @@ def test_a_failing_subscription_never_fails_its_neighbours(session, worker, bill
     session.add(BillingRun(run_date=DAY))
     session.commit()
     process_chunk.send("renew", DAY.isoformat(), ids, noon(DAY).isoformat())
-    from tests.test_broker import broker_url
+    from tests.integration.test_broker import broker_url
 
     wait_until(lambda: queue_depths(broker_url(broker), ("billing",))[0].dead == 1)
     run = session.scalars(select(BillingRun)).one()

@@ -19,9 +19,9 @@ from gateways.webhooks import sign
 from jobs.billing_day import run_day
 from jobs.context import runtime
 from models.schema import Boleto, GatewayEvent, Invoice, Subscription
-from tests.conftest import wait_until
-from tests.factories import make_organization, make_subscription, noon, seed_plans
-from tests.gateway_fixtures import free_port
+from tests.integration.conftest import wait_until
+from tests.integration.factories import make_organization, make_subscription, noon, seed_plans
+from tests.integration.gateway_fixtures import free_port
 from workers.settings import get_settings
 
 SECRET = "whsec_test_webhooks"

@@ -20,9 +20,9 @@ from sqlalchemy import select
 from jobs.changes import submit_change_request
 from models.calendar import add_cycle
 from models.schema import Boleto, Card, ChangeRequest, Charge, Invoice, Member, Organization, Subscription
-from tests.conftest import wait_until
-from tests.factories import ANNUAL_PRICE
-from tests.test_changes import (
+from tests.integration.conftest import wait_until
+from tests.integration.factories import ANNUAL_PRICE
+from tests.integration.test_changes import (
     FINANCIAL,
     PLAIN_MEMBER,
     assert_balance_matches_ledger,
@@ -474,7 +474,7 @@ def test_a_rejected_request_shows_its_error_and_nothing_else_changed(client, ses
 
 def test_every_rejection_code_is_documented_in_the_readme():
     from models.policy import ERROR_CODES
-    from tests.conftest import ROOT
+    from tests.integration.conftest import ROOT
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     undocumented = [code for code in ERROR_CODES if f"`{code}`" not in readme]

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.integration.conftest import ROOT
 
 
 def renova(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -50,7 +50,7 @@ def test_run_day_waits_for_the_workers_and_prints_counts(session, worker, billin
     from sqlalchemy import select
 
     from models.schema import Invoice
-    from tests.factories import make_organization, make_subscription, seed_plans
+    from tests.integration.factories import make_organization, make_subscription, seed_plans
 
     seed_plans(session)
     organization = make_organization(session)
@@ -79,8 +79,8 @@ def test_scheduler_process_bills_todays_renewals_with_a_worker(session, worker, 
 
     from models.calendar import local_today
     from models.schema import BillingRun, Invoice
-    from tests.conftest import wait_until
-    from tests.factories import make_organization, make_subscription, seed_plans
+    from tests.integration.conftest import wait_until
+    from tests.integration.factories import make_organization, make_subscription, seed_plans
     from workers.db import get_session_factory
 
     today = local_today(datetime.now(UTC))

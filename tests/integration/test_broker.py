@@ -10,7 +10,7 @@ from jobs.context import current_session
 from jobs.health import ping
 from jobs.retries import retry_transient
 from models.schema import AuditEvent
-from tests.conftest import wait_until
+from tests.integration.conftest import wait_until
 from workers.db import get_session_factory
 from workers.queues import queue_depths
 
@@ -77,7 +77,7 @@ def fails_until_fixed(note: dict) -> None:
 
 
 def test_operators_list_and_requeue_dead_letters(worker, broker):
-    from tests.test_cli import renova
+    from tests.integration.test_cli import renova
 
     BROKEN["now"] = True
     message = fails_until_fixed.send({"kind": "card", "token": "tok_secret_value"})

@@ -33,7 +33,7 @@ import pytest
 
 from gateways.http import HttpGateway
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 GATEWAY_READ_TIMEOUT = 1.5  # the sandbox's tok_timeout stall (30 s by default) must exceed it
 START_TIMEOUT = 20.0
 

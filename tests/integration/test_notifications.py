@@ -34,8 +34,8 @@ from jobs.notifications import (
 from jobs.payments import suspend
 from jobs.retries import is_transient
 from models.schema import Boleto, Invoice, Member, Notification, Organization, Subscription
-from tests.conftest import wait_until
-from tests.factories import ANNUAL_PRICE, make_organization, make_subscription, noon, seed_plans
+from tests.integration.conftest import wait_until
+from tests.integration.factories import ANNUAL_PRICE, make_organization, make_subscription, noon, seed_plans
 from workers.db import get_session_factory
 from workers.embedded import free_port
 from workers.mail import (

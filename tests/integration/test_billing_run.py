@@ -11,7 +11,14 @@ from sqlalchemy import func, select
 from jobs.billing_day import run_day
 from jobs.context import runtime
 from models.schema import Boleto, Charge, Invoice, Notification, Subscription
-from tests.factories import ANNUAL_PRICE, MONTHLY_PRICE, make_organization, make_subscription, noon, seed_plans
+from tests.integration.factories import (
+    ANNUAL_PRICE,
+    MONTHLY_PRICE,
+    make_organization,
+    make_subscription,
+    noon,
+    seed_plans,
+)
 
 pytestmark = pytest.mark.usefixtures("ledger_checked")
 
@@ -86,7 +93,7 @@ def test_annual_boleto_paid_on_time(session, billing_gateway, sandbox_gateway):
     assert boleto.due_date == renewal
     assert boleto.amount_cents == ANNUAL_PRICE
     sandbox_gateway.pay_boleto(boleto.gateway_id, paid_on=renewal - timedelta(days=2))
-    from jobs.payments import record_boleto_payment
+    from jobs.boletos import record_boleto_payment
 
     record_boleto_payment(
         session,
@@ -128,7 +135,7 @@ def annual_boleto(session, anchor: date) -> Subscription:
 
 
 def pay(session, sandbox_gateway, boleto: Boleto, on: date) -> None:
-    from jobs.payments import record_boleto_payment
+    from jobs.boletos import record_boleto_payment
 
     sandbox_gateway.pay_boleto(boleto.gateway_id, paid_on=on)
     record_boleto_payment(session, boleto.gateway_id, amount_cents=boleto.amount_cents, paid_on=on, now=noon(on))
@@ -384,8 +391,8 @@ def year_of_mixed_billing(session, gateway, *, runs_per_day: int) -> None:
 
 
 def test_running_every_day_twice_ends_exactly_as_once(session, billing_gateway, sandbox_gateway):
-    from tests.conftest import _reset_between
-    from tests.test_daily_run import snapshot
+    from tests.integration.conftest import _reset_between
+    from tests.integration.test_daily_run import snapshot
 
     before = len(sandbox_gateway.ledger(kind="charge"))
     year_of_mixed_billing(session, billing_gateway, runs_per_day=1)
@@ -400,7 +407,7 @@ def test_running_every_day_twice_ends_exactly_as_once(session, billing_gateway, 
 
 
 def test_a_boleto_paid_after_we_cancelled_it_becomes_credit(session, billing_gateway, sandbox_gateway):
-    from jobs.payments import record_boleto_payment
+    from jobs.boletos import record_boleto_payment
     from models.schema import LedgerEntry
 
     subscription = annual_boleto(session, date(2027, 3, 10))

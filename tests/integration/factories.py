@@ -18,8 +18,8 @@ ANNUAL_PRICE = 47_900
 CNPJ = "11222333000181"
 
 # `details["source"]` of the ledger entries the factories write, so that tests listing the entries a
-# flow wrote can leave out the opening trail (tests.test_changes.ledger_of).
-FACTORY_SOURCE = "tests.factories"
+# flow wrote can leave out the opening trail (tests.integration.test_changes.ledger_of).
+FACTORY_SOURCE = "tests.integration.factories"
 
 # How the paid period a factory subscription starts with was paid (`make_subscription(trail=...)`):
 # - "migrated": before Renova, like a subscription imported from another system: a `credit_granted`

@@ -2,7 +2,7 @@
 nothing else, consistent states (the factories' trails, a real renewal, a cycle change's split
 period, an overpaid boleto) reported clean, and the CLI's exit codes.
 
-Prices (tests.factories): monthly R$ 49,90, annual R$ 479,00.
+Prices (tests.integration.factories): monthly R$ 49,90, annual R$ 479,00.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from jobs.invoicing import create_renewal_invoice
 from jobs.ledger_check import BALANCE_KINDS, RULES, Violation, check_ledger
 from models.calendar import add_cycle
 from models.schema import Boleto, Charge, Invoice, LedgerEntry, Refund, Subscription
-from tests.factories import (
+from tests.integration.factories import (
     ANNUAL_PRICE,
     MONTHLY_PRICE,
     Trail,
@@ -444,7 +444,7 @@ def test_violations_are_frozen():
 
 @pytest.mark.ledger_unchecked("commits a broken balance on purpose, for the CLI to find")
 def test_cli_exits_1_and_shows_the_rule_on_a_bad_state(session):
-    from tests.test_cli import renova
+    from tests.integration.test_cli import renova
 
     subscription = monthly(session)
     subscription.balance_cents += 500
@@ -458,7 +458,7 @@ def test_cli_exits_1_and_shows_the_rule_on_a_bad_state(session):
 
 
 def test_cli_exits_0_on_a_clean_state(session):
-    from tests.test_cli import renova
+    from tests.integration.test_cli import renova
 
     monthly(session)
     monthly(session, organization_id=2, trail="gateway")

@@ -45,7 +45,7 @@ from gateways.http import HttpGateway
 from gateways.sandbox import LEDGER_TABLE, SCHEMA, STATE_FILE
 from gateways.webhooks import SIGNATURE_HEADER, InvalidSignature, sign, verify
 from models.boleto import is_valid_nosso_numero, parse_digitable_line
-from tests.gateway_fixtures import (
+from tests.integration.gateway_fixtures import (
     GATEWAY_READ_TIMEOUT,
     SandboxGateway,
     WebhookReceiver,

@@ -2,7 +2,7 @@
 explicit dates (hand-computed proration, month ends, a leap day), then through the queue with real
 Dramatiq workers, the real PostgreSQL and the sandbox gateway process.
 
-Prices (tests.factories): monthly R$ 49,90, annual R$ 479,00.
+Prices (tests.integration.factories): monthly R$ 49,90, annual R$ 479,00.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from jobs.boletos import cancel_boleto_at, issue_boleto
 from jobs.changes import (
     IdempotencyKeyReused,
     UnrecordableChangeRequest,
@@ -30,7 +31,7 @@ from jobs.changes import (
 from jobs.context import BillingConfig, runtime
 from jobs.invoicing import create_renewal_invoice
 from jobs.ledger_check import BALANCE_KINDS
-from jobs.payments import cancel_boleto_at, issue_boleto, reconcile_charge
+from jobs.payments import reconcile_charge
 from models.calendar import add_cycle, local_today
 from models.schema import (
     Boleto,
@@ -44,8 +45,15 @@ from models.schema import (
     Organization,
     Subscription,
 )
-from tests.conftest import wait_until
-from tests.factories import ANNUAL_PRICE, FACTORY_SOURCE, make_organization, make_subscription, noon, seed_plans
+from tests.integration.conftest import wait_until
+from tests.integration.factories import (
+    ANNUAL_PRICE,
+    FACTORY_SOURCE,
+    make_organization,
+    make_subscription,
+    noon,
+    seed_plans,
+)
 from workers.db import get_session_factory
 
 CONFIG = BillingConfig()

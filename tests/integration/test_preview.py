@@ -10,9 +10,9 @@ from typing import Any
 from sqlalchemy import func, select
 
 from models.schema import AuditEvent, Boleto, ChangeRequest, Charge, Invoice, LedgerEntry, Notification, Subscription
-from tests.factories import ANNUAL_PRICE
-from tests.test_api import change, client  # noqa: F401 - the API client fixture
-from tests.test_changes import FINANCIAL, PLAIN_MEMBER, payload, setup_organization, subscription_for, today
+from tests.integration.factories import ANNUAL_PRICE
+from tests.integration.test_api import change, client  # noqa: F401 - the API client fixture
+from tests.integration.test_changes import FINANCIAL, PLAIN_MEMBER, payload, setup_organization, subscription_for, today
 
 TABLES = (ChangeRequest, Invoice, Charge, Boleto, LedgerEntry, Notification, Subscription, AuditEvent)
 

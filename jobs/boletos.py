@@ -1,0 +1,329 @@
+"""Boletos: issuing one for an open invoice (the first, or a segunda via), cancelling one at the
+gateway, the gateway's webhooks when one is paid or expires, and what every boleto notice shows.
+
+A boleto is issued once per invoice and sequence: the gateway call happens outside any transaction,
+keyed by `boleto_idempotency_key`, so an interrupted issue is completed by the next attempt with the
+same request. A payment never gets lost: money for an invoice that no longer takes it is credit.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import dramatiq
+from sqlalchemy import ColumnElement, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+import jobs
+from gateways.base import Ambiguous, BoletoRequest, Gateway, GatewayRejected, Payer, Unavailable
+from jobs.context import BillingConfig, current_session, runtime
+from jobs.invoicing import apply_credit, lock_subscription, mark_invoice_paid
+from jobs.notifications import notify
+from jobs.outbox import send_after_commit
+from jobs.retries import STANDARD
+from models.calendar import local_today
+from models.schema import Boleto, GatewayEvent, Invoice, Subscription
+from models.states import BoletoStatus, InvoiceKind, InvoiceStatus, PaymentMethod, SubscriptionStatus
+
+jobs.require_broker()
+logger = logging.getLogger(__name__)
+
+# A boleto that can still be paid: the invoice's current one.
+LIVE_BOLETO = (BoletoStatus.ISSUED, BoletoStatus.OVERDUE)
+
+
+def live_boleto(session: Session, invoice_id: int, *, lock: bool = False) -> Boleto | None:
+    """The invoice's live boleto (a segunda via has a higher sequence than the one it replaced)."""
+    query = (
+        select(Boleto)
+        .where(Boleto.invoice_id == invoice_id, Boleto.status.in_(LIVE_BOLETO))
+        .order_by(Boleto.sequence.desc())
+        .limit(1)
+    )
+    return session.scalar(query.with_for_update() if lock else query)
+
+
+def awaiting_boleto() -> tuple[ColumnElement[bool], ...]:
+    """SQL conditions on `Invoice`: an open boleto invoice without a live boleto — never issued, an
+    interrupted issue, or a segunda via still to issue after the last one expired, was given up or
+    underpaid."""
+    return (
+        Invoice.status == InvoiceStatus.OPEN,
+        Invoice.method == PaymentMethod.BOLETO,
+        ~select(Boleto.id).where(Boleto.invoice_id == Invoice.id, Boleto.status.in_(LIVE_BOLETO)).exists(),
+    )
+
+
+def boleto_notice(invoice: Invoice, boleto: Boleto, *, dunning: bool = False) -> dict[str, Any]:
+    """The keys every notice about a boleto shows (issued, reminder, overdue, suspended): its invoice
+    and period, the amount, the due date and the linha digitável.
+
+    A notice about the boleto itself shows the boleto's amount and due date; a dunning notice
+    (`dunning`: overdue, suspended) the invoice's, since dunning counts from the invoice's original due
+    date whatever segunda via followed. An expired boleto can no longer be paid: its line is left out.
+    """
+    amount, due = (invoice.total_cents, invoice.due_date) if dunning else (boleto.amount_cents, boleto.due_date)
+    return {
+        "invoice_id": invoice.id,
+        "amount_cents": amount,
+        "due_date": due.isoformat(),
+        "digitable_line": "" if boleto.status == BoletoStatus.EXPIRED else boleto.digitable_line,
+        "period_start": invoice.period_start.isoformat(),
+        "period_end": invoice.period_end.isoformat(),
+    }
+
+
+# --- payments (gateway webhooks) ---------------------------------------------------------------
+
+
+def record_gateway_event(session: Session, event_id: str, *, now: datetime, config: BillingConfig) -> str:
+    """Apply one stored gateway event, once (a redelivered event is a no-op)."""
+    event = session.scalar(select(GatewayEvent).where(GatewayEvent.event_id == event_id).with_for_update())
+    if event is None:
+        raise LookupError(f"gateway event {event_id} was not stored")
+    if event.processed_at is not None:
+        return "duplicate"
+    data = event.payload.get("data", {})
+    today = local_today(now, config.timezone)
+    if event.type == "boleto.paid":
+        paid_on = date.fromisoformat(data["paid_on"]) if data.get("paid_on") else today
+        outcome = record_boleto_payment(
+            session, str(data["boleto_id"]), amount_cents=int(data["amount_cents"]), paid_on=paid_on, now=now
+        )
+    elif event.type == "boleto.expired":
+        outcome = record_boleto_expired(session, str(data["boleto_id"]), on=today)
+    else:
+        outcome = "ignored"
+    event.processed_at = now
+    return outcome
+
+
+def record_boleto_payment(session: Session, gateway_id: str, *, amount_cents: int, paid_on: date, now: datetime) -> str:
+    """A boleto was paid. Money for an open invoice pays it, whichever of its boletos was used (the
+    others are cancelled); anything above the invoice's total, and any payment for an invoice that no
+    longer takes it (voided, already paid), becomes the customer's credit — never kept, never lost."""
+    from jobs.refunds import credit_payment
+
+    boleto = session.scalar(select(Boleto).where(Boleto.gateway_id == gateway_id).with_for_update())
+    if boleto is None:
+        return "unknown_boleto"
+    if boleto.status == BoletoStatus.PAID:
+        return "already_paid"
+    invoice = session.scalar(
+        select(Invoice)
+        .where(Invoice.id == boleto.invoice_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    assert invoice is not None
+    subscription = lock_subscription(session, invoice.subscription_id)
+    assert subscription is not None
+    boleto.status = BoletoStatus.PAID
+    boleto.paid_on, boleto.paid_at, boleto.paid_amount_cents = paid_on, now, amount_cents
+    if invoice.status == InvoiceStatus.OPEN and amount_cents >= invoice.total_cents:
+        for other in session.scalars(
+            select(Boleto).where(
+                Boleto.invoice_id == invoice.id, Boleto.id != boleto.id, Boleto.status.in_(LIVE_BOLETO)
+            )
+        ):
+            other.status = BoletoStatus.CANCELED
+            send_after_commit(session, cancel_boleto_at_gateway, other.gateway_id)
+        mark_invoice_paid(session, invoice, paid_on=paid_on, now=now, amount_cents=invoice.total_cents, source="boleto")
+        if amount_cents > invoice.total_cents:
+            credit_payment(
+                session,
+                subscription,
+                invoice_id=invoice.id,
+                amount_cents=amount_cents - invoice.total_cents,
+                description="Valor pago acima do boleto convertido em crédito",
+                now=now,
+            )
+            return "paid_over"
+        return "paid"
+    if invoice.status == InvoiceStatus.OPEN:
+        # Less than the invoice's total: what was paid is applied to the invoice, which stays open
+        # (and in dunning, from its original due date) for the rest, with a segunda via for the rest.
+        logger.warning("boleto %s underpaid: %s of %s", gateway_id, amount_cents, invoice.total_cents)
+        credit_payment(
+            session,
+            subscription,
+            invoice_id=invoice.id,
+            amount_cents=amount_cents,
+            description="Pagamento parcial de boleto",
+            now=now,
+        )
+        apply_credit(session, subscription, invoice, amount_cents, description="Pagamento parcial aplicado à fatura")
+        boleto.replaced_on = paid_on
+        send_after_commit(session, issue_invoice_boleto, invoice.id)
+        return "underpaid"
+    # Paid although we had cancelled it (or its invoice was voided meanwhile): the money is the
+    # customer's, kept as credit for the next invoices (refunded if the subscription has ended).
+    credit_payment(
+        session,
+        subscription,
+        invoice_id=invoice.id,
+        amount_cents=amount_cents,
+        description="Pagamento de boleto cancelado convertido em crédito",
+        now=now,
+    )
+    return "credited"
+
+
+def record_boleto_expired(session: Session, gateway_id: str, *, on: date) -> str:
+    """The gateway let a boleto expire. Dunning goes on (the invoice stays open, its dates anchored at
+    the original due date); an open invoice of a live subscription gets a replacement (segunda via)."""
+    boleto = session.scalar(select(Boleto).where(Boleto.gateway_id == gateway_id).with_for_update())
+    if boleto is None:
+        return "unknown_boleto"
+    if boleto.status not in LIVE_BOLETO:
+        return boleto.status
+    boleto.status = BoletoStatus.EXPIRED
+    invoice = session.get_one(Invoice, boleto.invoice_id)
+    subscription = session.get_one(Subscription, invoice.subscription_id)
+    if invoice.status == InvoiceStatus.OPEN and subscription.status != SubscriptionStatus.CANCELED:
+        boleto.replaced_on = on
+        send_after_commit(session, issue_invoice_boleto, invoice.id)
+        return "expired_reissuing"
+    return "expired"
+
+
+@dramatiq.actor(queue_name="payments", **STANDARD)
+def process_gateway_event(event_id: str) -> None:
+    session = current_session()
+    record_gateway_event(session, event_id, now=datetime.now(UTC), config=runtime().config)
+
+
+# --- issuance ----------------------------------------------------------------------------------
+
+# What a boleto pays, for its notice: its invoice's kind ("reissue" for a replacement, a segunda via).
+BOLETO_PURPOSES: dict[str, str] = {kind: kind.value for kind in InvoiceKind}
+
+
+def boleto_idempotency_key(invoice_id: int, sequence: int = 1) -> str:
+    return f"boleto:{invoice_id}" if sequence == 1 else f"boleto:{invoice_id}:{sequence}"
+
+
+def issue_boleto(session: Session, gateway: Gateway, invoice_id: int, *, config: BillingConfig) -> Boleto | None:
+    """Issue the boleto of an open boleto invoice that has no live one (none yet, or the last one expired,
+    was given up or underpaid), once; the gateway call happens
+    outside any transaction, keyed by the invoice and the boleto's sequence, so an interrupted issue is
+    completed by the next attempt with the same request.
+
+    The first boleto is due on the invoice's due date; a replacement (segunda via, after the previous one
+    expired or was given up) BOLETO_DUE_DAYS after the day it was replaced, and keeps the invoice's
+    dunning state (overdue since the original due date). Returns the live boleto, or None when the
+    invoice no longer needs one.
+    """
+    invoice = session.get(Invoice, invoice_id, populate_existing=True)
+    if invoice is None or invoice.status != InvoiceStatus.OPEN or invoice.method != PaymentMethod.BOLETO:
+        return None
+    boletos = session.scalars(select(Boleto).where(Boleto.invoice_id == invoice_id).order_by(Boleto.sequence)).all()
+    live = next((boleto for boleto in boletos if boleto.status in LIVE_BOLETO), None)
+    if live is not None:
+        return live
+    previous = boletos[-1] if boletos else None
+    sequence = previous.sequence + 1 if previous else 1
+    if previous is None:
+        due_date = invoice.due_date
+    else:
+        replaced_on = previous.replaced_on or local_today(previous.created_at, config.timezone)
+        due_date = replaced_on + timedelta(days=config.boleto_due_days)
+    overdue_on = previous.overdue_on if previous else None
+    organization = invoice.subscription.organization
+    request = BoletoRequest(
+        invoice_id=invoice.id, amount_cents=invoice.total_cents, description=boleto_description(invoice)
+    )
+    payer = Payer(name=organization.name, document=organization.document or "", email=None)
+    session.commit()
+
+    issued = gateway.issue_boleto(request, payer, due_date, boleto_idempotency_key(invoice_id, sequence))
+
+    # The invoice may have been voided (a cycle change, a cancellation) while the gateway answered.
+    invoice = session.scalar(
+        select(Invoice).where(Invoice.id == invoice_id).with_for_update().execution_options(populate_existing=True)
+    )
+    assert invoice is not None
+    still_wanted = invoice.status == InvoiceStatus.OPEN
+    if not still_wanted:
+        status = BoletoStatus.CANCELED
+    elif overdue_on is not None:
+        status = BoletoStatus.OVERDUE
+    else:
+        status = BoletoStatus.ISSUED
+    boleto_id = session.scalar(
+        insert(Boleto)
+        .values(
+            invoice_id=invoice_id,
+            sequence=sequence,
+            gateway_id=issued.gateway_id,
+            nosso_numero=issued.nosso_numero,
+            barcode=issued.barcode,
+            digitable_line=issued.digitable_line,
+            amount_cents=issued.amount_cents,
+            due_date=issued.due_date,
+            status=status,
+            overdue_on=overdue_on,
+        )
+        .on_conflict_do_nothing()
+        .returning(Boleto.id)
+    )
+    if boleto_id is None:  # recorded meanwhile by a concurrent attempt with the same key
+        session.commit()
+        return live_boleto(session, invoice_id)
+    if not still_wanted:
+        # Recorded all the same, so a payment of it is recognised (and becomes credit).
+        send_after_commit(session, cancel_boleto_at_gateway, issued.gateway_id)
+        session.commit()
+        return None
+    boleto = session.get_one(Boleto, boleto_id)
+    notify(
+        session,
+        organization_id=invoice.organization_id,
+        subscription_id=invoice.subscription_id,
+        kind="boleto_issued",
+        dedupe_key=f"boleto_issued:{boleto_id}",
+        context={
+            **boleto_notice(invoice, boleto),
+            "purpose": "reissue" if sequence > 1 else BOLETO_PURPOSES[invoice.kind],
+        },
+    )
+    session.commit()
+    return boleto
+
+
+def boleto_description(invoice: Invoice) -> str:
+    from models.calendar import format_date_br
+    from models.policy import cycle_name
+
+    return (
+        f"CONECTA — assinatura {cycle_name(invoice.cycle)} de {format_date_br(invoice.period_start)} "
+        f"a {format_date_br(invoice.period_end)}"
+    )
+
+
+@dramatiq.actor(queue_name="payments", **STANDARD)
+def issue_invoice_boleto(invoice_id: int) -> None:
+    """Issue an open invoice's missing boleto now (the daily run would find it too)."""
+    issue_boleto(current_session(), runtime().gateway_factory(), invoice_id, config=runtime().config)
+
+
+def cancel_boleto_at(gateway: Gateway, gateway_id: str) -> str:
+    """Cancel at the gateway a boleto already marked canceled here; safe to repeat."""
+    try:
+        gateway.cancel_boleto(gateway_id)
+    except Ambiguous as exc:
+        # Cancelling is idempotent at the gateway, so an unknown outcome is simply asked again.
+        raise Unavailable(f"boleto {gateway_id}: cancel outcome unknown: {exc}") from exc
+    except GatewayRejected as exc:
+        # Typically paid in the meantime: the payment webhook turns it into credit.
+        logger.warning("boleto %s not canceled at the gateway: %s", gateway_id, exc)
+        return exc.code
+    return "canceled"
+
+
+@dramatiq.actor(queue_name="payments", **STANDARD)
+def cancel_boleto_at_gateway(gateway_id: str) -> None:
+    cancel_boleto_at(runtime().gateway_factory(), gateway_id)
