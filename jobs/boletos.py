@@ -9,7 +9,7 @@ same request. A payment never gets lost: money for an invoice that no longer tak
 from __future__ import annotations
 
 import logging
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import dramatiq
@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 import jobs
 from gateways.base import Ambiguous, BoletoRequest, Gateway, GatewayRejected, Payer, Unavailable
+from jobs import clock
 from jobs.context import BillingConfig, current_session, runtime
 from jobs.invoicing import apply_credit, lock_subscription, mark_invoice_paid
 from jobs.notifications import notify
@@ -193,7 +194,8 @@ def record_boleto_expired(session: Session, gateway_id: str, *, on: date) -> str
 @dramatiq.actor(queue_name="payments", **STANDARD)
 def process_gateway_event(event_id: str) -> None:
     session = current_session()
-    record_gateway_event(session, event_id, now=datetime.now(UTC), config=runtime().config)
+    config = runtime().config
+    record_gateway_event(session, event_id, now=clock.now(session, config), config=config)
 
 
 # --- issuance ----------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 
 import dramatiq
 from sqlalchemy import func, select
@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 import jobs
 from gateways.base import Ambiguous, Gateway, GatewayRejected, RefundResult
-from jobs import audit
+from jobs import audit, clock
 from jobs.context import current_session, runtime
 from jobs.invoicing import ledger, void_invoice, void_unused_paid_invoice
 from jobs.notifications import notify
@@ -326,7 +326,9 @@ def stale_refund_ids(session: Session, now: datetime, older_than: timedelta = ST
 
 @dramatiq.actor(queue_name="payments", **STANDARD)
 def process_refund(refund_id: int) -> None:
-    execute_refund(current_session(), runtime().gateway_factory(), refund_id, now=datetime.now(UTC))
+    session = current_session()
+    context = runtime()
+    execute_refund(session, context.gateway_factory(), refund_id, now=clock.now(session, context.config))
 
 
 # --- on-call -------------------------------------------------------------------------------------

@@ -440,3 +440,15 @@ class AuditEvent(Base):
     reason: Mapped[str] = mapped_column(Text, server_default="")
     details: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
     created_at: Mapped[datetime] = mapped_column(server_default=func.now(), index=True)
+
+
+class ClockSetting(Base):
+    """The test clock (development and test only): when its one row exists, every process reads
+    "now" from it instead of the wall clock (`jobs.clock.now`). Production refuses it."""
+
+    __tablename__ = "test_clock"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False, server_default=text("1"))
+    now: Mapped[datetime]
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now())

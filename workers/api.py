@@ -36,6 +36,15 @@ def get_session() -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
+def clock_now(session: Session) -> datetime:
+    """ "now" for a request: the test clock's instant when one is set (development and test), else the
+    wall clock's (`jobs.clock.now`)."""
+    from jobs import clock
+    from jobs.context import runtime
+
+    return clock.now(session, runtime().config)
+
+
 def require_api_key(
     authorization: Annotated[str | None, Header()] = None,
     settings: Settings = Depends(get_settings),
@@ -402,7 +411,7 @@ def post_change_request(
     data = body.model_dump(mode="json")
     data["idempotency_key"] = key
     try:
-        recorded = record_change_request(session, data, source="api", now=datetime.now(UTC))
+        recorded = record_change_request(session, data, source="api", now=clock_now(session))
     except IdempotencyKeyReused as exc:
         session.rollback()
         raise HTTPException(
@@ -454,7 +463,7 @@ def preview_change_request(body: Annotated[ChangeRequestIn, Body()], session: Se
     from jobs.changes import preview_change_request as preview
     from jobs.context import runtime
 
-    return PreviewOut.model_validate(preview(session, body, now=datetime.now(UTC), config=runtime().config))
+    return PreviewOut.model_validate(preview(session, body, now=clock_now(session), config=runtime().config))
 
 
 @contract.get(
@@ -590,10 +599,10 @@ class PriceListOut(BaseModel):
     prices: list[PlanPriceOut]
 
 
-def _business_today(settings: Settings) -> date:
+def _business_today(session: Session, settings: Settings) -> date:
     from models.calendar import local_today
 
-    return local_today(datetime.now(UTC), settings.billing_timezone)
+    return local_today(clock_now(session), settings.billing_timezone)
 
 
 def _price_list_out(session: Session, product: str | None, on: date) -> PriceListOut:
@@ -659,7 +668,7 @@ def put_plan_prices(
     Setting prices again for the same date replaces them. Answers the product's price list."""
     from jobs.plans import PlanError, set_prices
 
-    today = _business_today(settings)
+    today = _business_today(session, settings)
     try:
         set_prices(
             session,
@@ -681,13 +690,13 @@ def put_plan_prices(
 @contract.get("/plans", response_model=PriceListOut, tags=["plans"])
 def get_plans(session: SessionDep, settings: Settings = Depends(get_settings)) -> PriceListOut:
     """Every product's prices in force today, per billing cycle, and the changes scheduled after today."""
-    return _price_list_out(session, None, _business_today(settings))
+    return _price_list_out(session, None, _business_today(session, settings))
 
 
 @contract.get("/plans/{product}", response_model=PriceListOut, tags=["plans"], responses={404: {"model": ErrorBody}})
 def get_plan(product: str, session: SessionDep, settings: Settings = Depends(get_settings)) -> PriceListOut:
     """A product's prices in force today, per billing cycle, and the changes scheduled after today."""
-    prices = _price_list_out(session, product, _business_today(settings))
+    prices = _price_list_out(session, product, _business_today(session, settings))
     if not prices.prices:
         raise _unknown_product(product)
     return prices
@@ -697,7 +706,13 @@ v1.include_router(contract)
 
 
 def create_app() -> FastAPI:
+    from jobs.context import runtime
     from workers import broker as _broker  # noqa: F401 - the actors must be bound before any send
+    from workers.db import get_session_factory
+    from workers.startup import refuse_test_clock_in_production
+
+    with get_session_factory()() as session:
+        refuse_test_clock_in_production(session)
 
     app = FastAPI(
         title="Renova",
@@ -706,8 +721,22 @@ def create_app() -> FastAPI:
     )
 
     @app.get("/healthz", include_in_schema=False)
-    def healthz() -> dict[str, str]:
-        return {"status": "ok", "time": datetime.now(UTC).isoformat()}
+    def healthz(session: SessionDep) -> dict[str, str]:
+        """Liveness, and which clock the processes read: `real`, or `test` with its frozen `now`."""
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from jobs.clock import clock_state
+
+        answer = {"status": "ok", "time": datetime.now(UTC).isoformat(), "clock": "real"}
+        if runtime().config.allow_future_dates:  # production always reads the real clock
+            try:
+                state = clock_state(session)
+            except SQLAlchemyError:
+                answer["clock"] = "unknown"
+            else:
+                if state is not None:
+                    answer.update(clock="test", now=state.now.isoformat())
+        return answer
 
     @app.exception_handler(HTTPException)
     async def error_body(request: Request, exc: HTTPException) -> JSONResponse:

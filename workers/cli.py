@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from workers.settings import SettingsError, get_settings
+from workers.settings import Settings, SettingsError, get_settings
 
 if TYPE_CHECKING:
     from jobs.plans import PlanError, PriceRow
@@ -33,6 +33,10 @@ refunds_app = typer.Typer(no_args_is_help=True, help="Refunds of ended subscript
 app.add_typer(refunds_app, name="refunds")
 ledger_app = typer.Typer(no_args_is_help=True, help="Proofs that no money was kept or lost.")
 app.add_typer(ledger_app, name="ledger")
+clock_app = typer.Typer(
+    no_args_is_help=True, help="The test clock: a frozen 'now' for every process (development and test only)."
+)
+app.add_typer(clock_app, name="clock")
 
 console = Console()
 
@@ -82,6 +86,29 @@ def db_current() -> None:
 # --- processes -------------------------------------------------------------------------------
 
 
+def refuse_test_clock_at_start() -> None:
+    """A test clock set in production stops the worker, web and scheduler processes at start."""
+    from workers.db import get_session_factory
+    from workers.startup import refuse_test_clock_in_production
+
+    with get_session_factory()() as session:
+        try:
+            refuse_test_clock_in_production(session)
+        except SettingsError as exc:
+            fail(str(exc), code=2)
+
+
+def current_now() -> datetime:
+    """ "now" as every process reads it: the test clock when one is set (development and test), else
+    the wall clock (`jobs.clock.now`)."""
+    from jobs import clock
+    from workers.broker import billing_config
+    from workers.db import get_session_factory
+
+    with get_session_factory()() as session:
+        return clock.now(session, billing_config(get_settings()))
+
+
 def runtime_environment() -> dict[str, str]:
     """The environment for child processes, with the embedded stack's URLs filled in."""
     from workers.db import resolved_urls
@@ -98,6 +125,7 @@ def worker(
 ) -> None:
     """Run the Dramatiq workers (the `worker` process)."""
     settings = get_settings()
+    refuse_test_clock_at_start()
     args = [
         sys.executable,
         "-m",
@@ -193,6 +221,7 @@ def doctor(
         current, head = current_revision(get_engine()), head_revision(database_url)
         if current == head:
             console.print(f"[green]✓[/] schema at revision {current} (head)")
+            healthy = _doctor_clock(settings) and healthy
         else:
             healthy = False
             console.print(f"[red]✗[/] schema at {current or 'nothing'}, head is {head}: run `renova db upgrade`")
@@ -224,6 +253,26 @@ def doctor(
     console.print("[bold green]healthy[/]")
 
 
+def _doctor_clock(settings: Settings) -> bool:
+    """The clock line: real, or the test clock's instant; a test clock in production is unhealthy."""
+    from jobs import clock
+    from workers.db import get_session_factory
+
+    with get_session_factory()() as session:
+        state = clock.clock_state(session)
+    if state is None:
+        console.print("[green]✓[/] clock: real")
+    elif settings.allows_future_dates:
+        console.print(f"[yellow]![/] {_describe_clock(state.now)}")
+    else:
+        console.print(
+            f"[red]✗[/] clock: a test clock is set ({state.now.isoformat()}) but RENOVA_ENV={settings.renova_env} "
+            "refuses it: run `renova clock reset`"
+        )
+        return False
+    return True
+
+
 def _ping_worker(timeout_seconds: float = 15.0) -> bool:
     from sqlalchemy import select
 
@@ -252,12 +301,12 @@ def scheduler(
 ) -> None:
     """Send `tick` every interval (the `clock` process). Safe to run more than one."""
     import signal
-    from datetime import UTC, datetime
 
     wire()
     from jobs.tick import tick
 
     settings = get_settings()
+    refuse_test_clock_at_start()
     period = interval or settings.tick_interval_seconds
     stopping = False
 
@@ -272,7 +321,8 @@ def scheduler(
     )
     next_tick = time.monotonic()
     while not stopping:
-        tick.send(datetime.now(UTC).isoformat(), settings.billing_run_at.isoformat())
+        # The test clock, when one is set (development and test), moves every process's "now".
+        tick.send(current_now().isoformat(), settings.billing_run_at.isoformat())
         next_tick += period
         while not stopping and time.monotonic() < next_tick:
             time.sleep(min(0.2, max(0.0, next_tick - time.monotonic())))
@@ -280,29 +330,33 @@ def scheduler(
 
 @app.command("run-day")
 def run_day_command(
-    run_date: str = typer.Option(..., "--date", help="Business date to run, YYYY-MM-DD."),
+    run_date: str | None = typer.Option(
+        None, "--date", help="Business date to run, YYYY-MM-DD (default today, by the test clock when one is set)."
+    ),
     wait: bool = typer.Option(False, help="Block until the run's work is done and print its counts."),
     timeout: float = typer.Option(600.0, help="With --wait: give up after this many seconds."),
 ) -> None:
     """Run (or re-run) the billing run for a date now. Workers do the work; dates after today are
-    refused unless RENOVA_ENV is development or test."""
-    from datetime import UTC, date, datetime
-
+    refused unless RENOVA_ENV is development or test ("today" follows the test clock when one is set)."""
     from sqlalchemy import select
 
     wire()
     from jobs.billing_day import FutureDateRefused, refuse_future_date, reopen_run, scan_run
     from jobs.context import runtime
+    from models.calendar import local_today
     from models.schema import BillingRun
     from models.states import RunStatus
     from workers.db import get_session_factory, resolved_urls
     from workers.queues import queue_depths
 
-    try:
-        on = date.fromisoformat(run_date)
-    except ValueError:
-        fail(f"--date must be YYYY-MM-DD, got {run_date!r}")
-    now = datetime.now(UTC)
+    now = current_now()
+    if run_date is None:
+        on = local_today(now, runtime().config.timezone)
+    else:
+        try:
+            on = date.fromisoformat(run_date)
+        except ValueError:
+            fail(f"--date must be YYYY-MM-DD, got {run_date!r}")
     try:
         refuse_future_date(on, now, runtime().config)
     except FutureDateRefused as exc:
@@ -335,7 +389,7 @@ def run_day_command(
         if not busy:
             time.sleep(0.5)
             with session_factory() as session:
-                scan_run(session, on, datetime.now(UTC), runtime().config)
+                scan_run(session, on, current_now(), runtime().config)
         else:
             time.sleep(0.5)
     with session_factory() as session:
@@ -357,6 +411,7 @@ def web(
     import uvicorn
 
     settings = get_settings()
+    refuse_test_clock_at_start()
     uvicorn.run(
         "workers.api:create_app",
         factory=True,
@@ -461,10 +516,11 @@ _PLAN_OPTIONS = {
 
 
 def _business_today() -> date:
-    """Today's business date: the wall clock's date in the billing time zone (as `run-day`)."""
+    """Today's business date: "now"'s date in the billing time zone (as `run-day`; the test clock's
+    when one is set)."""
     from models.calendar import local_today
 
-    return local_today(datetime.now(UTC), get_settings().billing_timezone)
+    return local_today(current_now(), get_settings().billing_timezone)
 
 
 def _plan_error(exc: PlanError) -> NoReturn:
@@ -689,6 +745,117 @@ def ledger_check(
         )
     console.print(table)
     raise typer.Exit(1)
+
+
+# --- the test clock (development and test) -------------------------------------------------------
+
+
+def _describe_clock(state_now: datetime | None) -> str:
+    """One line: which clock, its instant in the billing time zone and in UTC, and the business date."""
+    from zoneinfo import ZoneInfo
+
+    from models.calendar import local_today
+
+    settings = get_settings()
+    shown = state_now or datetime.now(UTC)
+    local = shown.astimezone(ZoneInfo(settings.billing_timezone))
+    kind = "test" if state_now is not None else "real"
+    return (
+        f"clock: {kind} — now {local:%Y-%m-%d %H:%M:%S} {settings.billing_timezone} "
+        f"({shown.astimezone(UTC).isoformat(timespec='seconds')}), business date "
+        f"{local_today(shown, settings.billing_timezone).isoformat()}"
+    )
+
+
+def _clock_change(change: str, value: str, actor: str) -> None:
+    from jobs import audit, clock
+    from workers.broker import billing_config
+    from workers.db import get_session_factory
+
+    settings = get_settings()
+    config = billing_config(settings)
+    if not config.allow_future_dates:
+        fail(
+            f"the test clock is for development and test only: refused with RENOVA_ENV={settings.renova_env}, "
+            "which always uses the real clock",
+            code=2,
+        )
+    with get_session_factory()() as session:
+        try:
+            if change == "set":
+                state = clock.set_clock(
+                    session, clock.parse_instant(value, settings.billing_timezone, settings.billing_run_at), config
+                )
+            else:
+                state = clock.advance_clock(session, clock.parse_duration(value), config)
+        except (clock.ClockInputError, clock.ClockRefused) as exc:
+            session.rollback()
+            fail(str(exc), code=2)
+        audit.record(
+            session,
+            actor=actor,
+            action=f"clock.{change}",
+            target_type="test_clock",
+            target_id=str(clock.CLOCK_ID),
+            details={"input": value, "now": state.now.isoformat()},
+        )
+        session.commit()
+    console.print(_describe_clock(state.now))
+
+
+@clock_app.command("show")
+def clock_show() -> None:
+    """Which clock every process reads: the real one, or the test clock and its instant."""
+    from jobs import clock
+    from workers.db import get_session_factory
+
+    settings = get_settings()
+    with get_session_factory()() as session:
+        state = clock.clock_state(session)
+    if state is not None and not settings.allows_future_dates:
+        console.print(_describe_clock(None))
+        fail(
+            f"a test clock is set ({state.now.isoformat()}) but RENOVA_ENV={settings.renova_env} ignores it "
+            "and refuses to start: run `renova clock reset`",
+            code=1,
+        )
+    console.print(_describe_clock(state.now if state else None))
+
+
+@clock_app.command("set")
+def clock_set(
+    instant: str = typer.Argument(
+        ...,
+        help="YYYY-MM-DD (that business date, one minute after BILLING_RUN_AT) or YYYY-MM-DDTHH:MM "
+        "(local time in BILLING_TIMEZONE; an explicit offset is honoured).",
+    ),
+    actor: str = typer.Option(os.environ.get("USER", "operator"), help="Who (audit log)."),
+) -> None:
+    """Freeze "now" for every process at an instant (development and test only)."""
+    _clock_change("set", instant, actor)
+
+
+@clock_app.command("advance")
+def clock_advance(
+    duration: str = typer.Argument(..., help="How far: 30m, 12h, 1d, 2w."),
+    actor: str = typer.Option(os.environ.get("USER", "operator"), help="Who (audit log)."),
+) -> None:
+    """Move the test clock forward (from the real time when none is set; development and test only)."""
+    _clock_change("advance", duration, actor)
+
+
+@clock_app.command("reset")
+def clock_reset(actor: str = typer.Option(os.environ.get("USER", "operator"), help="Who (audit log).")) -> None:
+    """Back to the real clock (allowed everywhere: it is how a clock left in production is removed)."""
+    from jobs import audit, clock
+    from workers.db import get_session_factory
+
+    with get_session_factory()() as session:
+        removed = clock.reset_clock(session)
+        if removed:
+            audit.record(session, actor=actor, action="clock.reset", target_type="test_clock", target_id="1")
+        session.commit()
+    console.print(("test clock removed; " if removed else "no test clock was set; ") + _describe_clock(None))
 
 
 if __name__ == "__main__":

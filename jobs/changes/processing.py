@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from typing import Any
 
 import dramatiq
@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 import jobs
 from gateways.base import Gateway
+from jobs import clock
 from jobs.changes.outcome import HANDLERS, QUEUE, Run, WaitForCharge, authorize, reject
 from jobs.changes.queries import request_invoice
 from jobs.changes.recording import IdempotencyKeyReused, change_date, record_change_request
@@ -212,7 +213,10 @@ def submit_request(
 def submit_change_request(payload: dict[str, Any]) -> None:
     """The main application's entry point: one JSON object (see jobs.contract and the README)."""
     context = runtime()
-    submit_request(current_session(), context.gateway_factory(), payload, now=datetime.now(UTC), config=context.config)
+    session = current_session()
+    submit_request(
+        session, context.gateway_factory(), payload, now=clock.now(session, context.config), config=context.config
+    )
 
 
 @dramatiq.actor(queue_name=QUEUE, **LATENCY_SENSITIVE)
@@ -229,6 +233,6 @@ def process_change_request(change_request_id: int) -> None:
         context.gateway_factory(),
         change_request_id,
         on=change_date(request, context.config),
-        now=datetime.now(UTC),
+        now=clock.now(session, context.config),
         config=context.config,
     )
