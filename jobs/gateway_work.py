@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from gateways.base import Gateway, GatewayError, GatewayRejected, Unavailable
 from jobs.boletos import cancel_boleto_at_gateway, issue_boleto
 from jobs.context import BillingConfig
+from jobs.outbox import send_now
 from jobs.payments import PreparedCharge, charge_and_record
 from models.schema import Boleto
 
@@ -67,6 +68,6 @@ def settle(
             settled.boletos[invoice_id] = boleto
     work.boleto_invoices.clear()
     for gateway_id in work.boletos_to_cancel:
-        cancel_boleto_at_gateway.send(gateway_id)
+        send_now(session, cancel_boleto_at_gateway, gateway_id)
     work.boletos_to_cancel.clear()
     return settled

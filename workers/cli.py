@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -856,6 +859,165 @@ def clock_reset(actor: str = typer.Option(os.environ.get("USER", "operator"), he
             audit.record(session, actor=actor, action="clock.reset", target_type="test_clock", target_id="1")
         session.commit()
     console.print(("test clock removed; " if removed else "no test clock was set; ") + _describe_clock(None))
+
+
+# --- simulation (development and test) -----------------------------------------------------------
+
+
+def _start_sandbox_process(data_dir: Path) -> tuple[subprocess.Popen[bytes], str, str]:
+    """`renova gateway` on a free port with fault rates 0, its state in `data_dir`, no webhooks: the
+    simulation records payments itself. Returns the process, its URL and its API key."""
+    import secrets
+
+    import httpx
+
+    from workers.embedded import free_port
+
+    port = free_port()
+    api_key = f"sk_sim_{secrets.token_hex(8)}"
+    url = f"http://127.0.0.1:{port}"
+    command = [
+        sys.executable, "-m", "workers.cli", "gateway",
+        "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir),
+        "--webhook-url", "", "--api-key", api_key,
+        "--timeout-rate", "0", "--unavailable-rate", "0",
+    ]  # fmt: skip
+    log = (data_dir / "sandbox.log").open("ab")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while True:
+        if process.poll() is not None:
+            fail(f"the sandbox gateway exited with {process.returncode} (log: {data_dir / 'sandbox.log'})")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
+                return process, url, api_key
+        if time.monotonic() > deadline:
+            process.kill()
+            fail("the sandbox gateway did not start within 30 s")
+        time.sleep(0.1)
+
+
+def _stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@app.command()
+def simulate(
+    orgs: int = typer.Option(20, "--orgs", min=1, help="How many organizations subscribe."),
+    days: int = typer.Option(90, "--days", min=1, help="How many business dates to run, one after the other."),
+    seed: int = typer.Option(1, "--seed", help="The seed of every random choice: the same seed, the same counts."),
+    start: str | None = typer.Option(
+        None, "--start", help="First business date, YYYY-MM-DD (default today, by the test clock when one is set)."
+    ),
+    gateway_url: str | None = typer.Option(
+        None,
+        "--gateway-url",
+        help="A running sandbox gateway (fault rates 0; API key GATEWAY_API_KEY). Default: start one.",
+    ),
+) -> None:
+    """Months of billing in minutes, headless: members subscribe and act, boletos are paid on time,
+    late or never, and every daily run happens — deterministic per seed. Exits 1 if money was kept
+    or lost (ledger check, or more than one successful charge per invoice at the gateway)."""
+    import tempfile
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    settings = get_settings()
+    if settings.renova_env == "production":
+        fail("renova simulate writes made-up customers and money: refused with RENOVA_ENV=production", code=2)
+    first_day: date | None = None
+    if start is not None:
+        try:
+            first_day = date.fromisoformat(start)
+        except ValueError:
+            fail(f"--start must be YYYY-MM-DD, got {start!r}", code=2)
+    wire()
+    from sqlalchemy import func, select
+
+    from gateways.http import HttpGateway
+    from jobs import simulation
+    from jobs.context import runtime
+    from models.calendar import local_today
+    from models.schema import Organization
+    from workers.db import get_session_factory, resolved_urls
+    from workers.migrate import upgrade
+
+    upgrade(resolved_urls()[0])
+    config = runtime().config
+    if first_day is None:
+        first_day = local_today(current_now(), config.timezone)
+    with contextlib.ExitStack() as cleanup:
+        if gateway_url is None:
+            data_dir = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="renova-simulate-")))
+            process, url, api_key = _start_sandbox_process(data_dir)
+            cleanup.callback(_stop_process, process)
+        else:
+            url, api_key = gateway_url.rstrip("/"), settings.gateway_api_key.get_secret_value()
+        gateway = cleanup.enter_context(HttpGateway(url, api_key, connect_timeout=2.0, read_timeout=10.0))
+        sandbox = simulation.SandboxHttp(url, api_key)
+        cleanup.callback(sandbox.close)
+        session = cleanup.enter_context(get_session_factory()())
+        existing = session.scalar(select(func.count()).select_from(Organization)) or 0
+        session.commit()
+        if existing:
+            console.print(
+                f"[yellow]note:[/] the database already holds {existing} organizations: they are billed too and "
+                "the ledger check covers them; the counts cover only this run's organizations"
+            )
+        console.print(f"simulating {orgs} organizations for {days} days from {first_day.isoformat()} (seed {seed})")
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[last]}"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            task = progress.add_task("days", total=days, last="setting up")
+
+            def on_day(day: date, counts: dict[str, int]) -> None:
+                shown = ", ".join(f"{name} {counts[name]}" for name in simulation.COUNTERS if counts.get(name))
+                progress.update(task, advance=1, description=day.isoformat(), last=shown or "—")
+
+            started = time.monotonic()
+            result = simulation.simulate(
+                session,
+                gateway,
+                sandbox,
+                config,
+                seed=seed,
+                organizations=orgs,
+                days=days,
+                start=first_day,
+                on_day=on_day,
+            )
+            elapsed = time.monotonic() - started
+    console.print(f"[bold]Simulation: {orgs} organizations, {days} days from {first_day.isoformat()}, seed {seed}[/]")
+    table = Table()
+    table.add_column("count")
+    table.add_column("set-up", justify="right")
+    table.add_column("days", justify="right")
+    names = [*simulation.COUNTERS, *sorted((set(result.totals) | set(result.setup)) - set(simulation.COUNTERS))]
+    for name in names:
+        table.add_row(name, str(result.setup.get(name, 0)), str(result.totals.get(name, 0)))
+    for code, count in sorted(result.rejected.items()):
+        table.add_row(f"rejected: {code}", "", str(count))
+    for status, count in sorted(result.statuses.items()):
+        table.add_row(f"subscriptions {status}", "", str(count))
+    console.print(table)
+    console.print(f"simulated {days} days in {elapsed:.1f} s")
+    if result.violations:
+        console.print(f"[bold red]{len(result.violations)} invariant violation(s): money kept or lost[/]")
+        for line in result.violations:
+            console.print(f"  {line}", markup=False)
+        raise typer.Exit(1)
+    console.print("invariants hold: ledger check clean, at most one successful charge per invoice at the gateway")
 
 
 if __name__ == "__main__":
