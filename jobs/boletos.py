@@ -27,7 +27,7 @@ from jobs.outbox import send_after_commit
 from jobs.retries import STANDARD
 from models.calendar import local_today
 from models.schema import Boleto, GatewayEvent, Invoice, Subscription
-from models.states import BoletoStatus, InvoiceKind, InvoiceStatus, PaymentMethod, SubscriptionStatus
+from models.states import BoletoPurpose, BoletoStatus, InvoiceKind, InvoiceStatus, PaymentMethod, SubscriptionStatus
 
 jobs.require_broker()
 logger = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ def process_gateway_event(event_id: str) -> None:
 # --- issuance ----------------------------------------------------------------------------------
 
 # What a boleto pays, for its notice: its invoice's kind ("reissue" for a replacement, a segunda via).
-BOLETO_PURPOSES: dict[str, str] = {kind: kind.value for kind in InvoiceKind}
+BOLETO_PURPOSES: dict[str, BoletoPurpose] = {kind: BoletoPurpose(kind.value) for kind in InvoiceKind}
 
 
 def boleto_idempotency_key(invoice_id: int, sequence: int = 1) -> str:
@@ -289,7 +289,7 @@ def issue_boleto(session: Session, gateway: Gateway, invoice_id: int, *, config:
         dedupe_key=f"boleto_issued:{boleto_id}",
         context={
             **boleto_notice(invoice, boleto),
-            "purpose": "reissue" if sequence > 1 else BOLETO_PURPOSES[invoice.kind],
+            "purpose": BoletoPurpose.REISSUE if sequence > 1 else BOLETO_PURPOSES[invoice.kind],
         },
     )
     session.commit()

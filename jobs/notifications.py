@@ -43,7 +43,7 @@ from models.calendar import format_date_br
 from models.money import format_brl
 from models.policy import cycle_name, payment_method_name
 from models.schema import Member, Notification, Organization
-from models.states import NotificationStatus, Role
+from models.states import BoletoPurpose, NotificationStatus, RefundMethod, Role
 
 jobs.require_broker()
 
@@ -85,10 +85,10 @@ CONTEXT_KEYS: Final[dict[str, tuple[str, ...]]] = {
 KINDS: Final[tuple[str, ...]] = tuple(CONTEXT_KEYS)
 
 # What a boleto pays (boleto_issued `purpose`); notices written before the key existed were renewals.
-BOLETO_PURPOSES: Final = ("renewal", "subscribe", "cycle_change", "reissue")
+BOLETO_PURPOSES: Final = tuple(BoletoPurpose)
 # How a refund reaches the customer (refund_created `method`): a card refund (estorno) through the
 # gateway, or a bank transfer for money that came by boleto.
-REFUND_METHODS: Final = ("card", "payout")
+REFUND_METHODS: Final = tuple(RefundMethod)
 
 # Optional context keys and the value templates see when a key is missing or null.
 OPTIONAL_KEYS: Final[dict[str, dict[str, Any]]] = {

@@ -69,6 +69,15 @@ class RefundStatus(StrEnum):
     PAID = "paid"  # a payout closed by on-call
 
 
+class BoletoPurpose(StrEnum):
+    """What a boleto pays, as its notice says: an invoice's kind, or a replacement (segunda via)."""
+
+    RENEWAL = "renewal"
+    SUBSCRIBE = "subscribe"
+    CYCLE_CHANGE = "cycle_change"
+    REISSUE = "reissue"
+
+
 class ChangeRequestStatus(StrEnum):
     PENDING = "pending"
     APPLIED = "applied"
