@@ -663,31 +663,3 @@ class Simulation:
             if n > 1
         ]
         return violations
-
-
-def simulate(
-    session: Session,
-    gateway: Gateway,
-    sandbox: SandboxControl,
-    config: BillingConfig,
-    *,
-    seed: int,
-    organizations: int,
-    days: int,
-    start: date,
-    on_day: Callable[[date, dict[str, int]], None] | None = None,
-    set_test_clock: bool = True,
-) -> SimulationResult:
-    """Simulate `organizations` organizations over `days` business dates from `start`; see the module."""
-    return Simulation(
-        session,
-        gateway,
-        sandbox,
-        config,
-        seed=seed,
-        organizations=organizations,
-        days=days,
-        start=start,
-        on_day=on_day,
-        set_test_clock=set_test_clock,
-    ).run()

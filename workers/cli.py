@@ -986,7 +986,7 @@ def simulate(
                 progress.update(task, advance=1, description=day.isoformat(), last=shown or "—")
 
             started = time.monotonic()
-            result = simulation.simulate(
+            result = simulation.Simulation(
                 session,
                 gateway,
                 sandbox,
@@ -996,7 +996,7 @@ def simulate(
                 days=days,
                 start=first_day,
                 on_day=on_day,
-            )
+            ).run()
             elapsed = time.monotonic() - started
     console.print(f"[bold]Simulation: {orgs} organizations, {days} days from {first_day.isoformat()}, seed {seed}[/]")
     table = Table()

@@ -8,7 +8,7 @@ from datetime import date
 import pytest
 
 from jobs.context import runtime
-from jobs.simulation import simulate
+from jobs.simulation import Simulation
 from tests.integration.conftest import _reset_between
 from tests.integration.test_cli import renova
 
@@ -36,7 +36,9 @@ EXPECTED_REJECTED = {"boleto_already_issued": 1, "boleto_requires_annual": 3, "f
 
 
 def run(session, gateway, sandbox, seed: int):
-    return simulate(session, gateway, sandbox, runtime().config, seed=seed, organizations=6, days=40, start=START)
+    return Simulation(
+        session, gateway, sandbox, runtime().config, seed=seed, organizations=6, days=40, start=START
+    ).run()
 
 
 def queued_messages(broker) -> int:
