@@ -1,22 +1,30 @@
-"""Months of billing in minutes, headless and deterministic per seed (`renova simulate`).
+"""Months of billing in minutes: seeded people who subscribe, act and pay, and the days passing.
 
-A plain-function engine: no broker and no workers. It drives the very functions the workers run, in
-this thread, with one session and explicit dates — `run_day` for each business date, `submit_request`
-for the members' change requests, `record_boleto_payment` / `record_boleto_expired` as the gateway's
-webhooks would — against a real gateway (an `HttpGateway` to the sandbox) whose boletos it pays through
-the sandbox's test endpoints. Messages the flows leave for after their commit (cancel a boleto at the
-gateway, issue a segunda via, execute a card refund) are run here, in order, instead of being sent to
-Redis; notices stay as rows (`notifications`), counted but not mailed.
+`Simulation` is the behaviour and the bookkeeping: who subscribes to what, what members ask for on
+a given day, which boletos are paid on time, late or never, the counts of each day and, at the end,
+the invariants. Where they act is a `World`:
+
+- `InProcessWorld` (`renova simulate`): no broker and no workers. It drives the very functions the
+  workers run, in this thread, with one session and explicit dates — `run_day` for each business
+  date, `submit_request` for the members' change requests, `record_boleto_payment` /
+  `record_boleto_expired` as the gateway's webhooks would — against a real gateway (an
+  `HttpGateway` to the sandbox) whose boletos it pays through the sandbox's test endpoints. Messages
+  the flows leave for after their commit (cancel a boleto at the gateway, issue a segunda via,
+  execute a card refund) are run here, in order, instead of being sent to Redis; notices stay as
+  rows (`notifications`), counted but not mailed.
+- the demo's world (`workers.demo`, `renova demo`): the same people act through the HTTP API of a
+  running stack, the test clock moves one day at a time, and the scheduler and workers do the work.
 
 Everything random comes from `random.Random(seed)`, drawn in a fixed order (organizations by their
-index, boletos by id), and the sandbox runs with fault rates 0 (declines come from the card tokens),
-so the same seed gives the same counts on a fresh database. At the end two invariants are checked:
-`jobs.ledger_check.check_ledger` finds nothing, and the sandbox's ledger holds at most one successful
-charge per idempotency key and per invoice.
+index, boletos by id). In process the sandbox runs with fault rates 0 (declines come from the card
+tokens), so the same seed gives the same counts on a fresh database. At the end two invariants are
+checked: `jobs.ledger_check.check_ledger` finds nothing, and the sandbox's ledger holds at most one
+successful charge per idempotency key and per invoice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections import Counter
@@ -214,6 +222,9 @@ class SimulationResult:
     rejected: Counter[str] = field(default_factory=Counter)
     statuses: dict[str, int] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
+    # Per day: cents collected by card and by boleto, and subscriptions by status at the day's end.
+    revenue: list[tuple[date, int, int]] = field(default_factory=list)
+    statuses_by_day: list[tuple[date, dict[str, int]]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -227,7 +238,54 @@ class SimulationResult:
             "totals": dict(self.totals),
             "rejected": dict(sorted(self.rejected.items())),
             "statuses": dict(sorted(self.statuses.items())),
+            "revenue": [(day.isoformat(), card, boleto) for day, card, boleto in self.revenue],
+            "statuses_by_day": [(day.isoformat(), dict(sorted(s.items()))) for day, s in self.statuses_by_day],
         }
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of a change request: `applied` (with its result), `rejected` (with its code) or
+    still `pending`."""
+
+    status: str
+    error_code: str | None = None
+    result: dict[str, Any] | None = None
+
+
+class World(Protocol):
+    """Where the simulated people act and the days pass. Each method returns once the work it set off
+    is done, so that what the simulation reads next from the database is settled."""
+
+    def __enter__(self) -> World: ...
+
+    def __exit__(self, *exc_info: object) -> None: ...
+
+    def set_prices(self, product: str, *, monthly_cents: int, annual_cents: int, day: date, reason: str) -> None: ...
+
+    def save_organization(
+        self, organization_id: int, *, name: str, document: str, members: list[MemberCopy], day: date
+    ) -> None: ...
+
+    def submit(self, body: dict[str, Any], day: date) -> Outcome | None:
+        """A member's change request on `day`; None when the body was refused before being recorded."""
+        ...
+
+    def begin_days(self, first_day: date) -> None:
+        """The set-up is over: from now on the days pass one by one, from `first_day`."""
+        ...
+
+    def pass_day(self, day: date) -> None:
+        """Move to `day` and return once its billing run, and the work it set off, is done."""
+        ...
+
+    def pay_boleto(self, gateway_id: str, amount_cents: int, day: date) -> None: ...
+
+    def expire_boleto(self, gateway_id: str, day: date) -> None: ...
+
+    def gateway_ledger(self) -> list[dict[str, Any]]:
+        """Every successful charge and refund the gateway knows of (its own ledger)."""
+        ...
 
 
 class _LocalOutbox:
@@ -245,7 +303,10 @@ class _LocalOutbox:
         return ready
 
 
-class Simulation:
+class InProcessWorld:
+    """The flows' own functions in this thread, one session, explicit dates; the test clock follows
+    the simulated day (when the environment allows one) and is put back as it was at the end."""
+
     def __init__(
         self,
         session: Session,
@@ -253,70 +314,163 @@ class Simulation:
         sandbox: SandboxControl,
         config: BillingConfig,
         *,
-        seed: int,
-        organizations: int,
-        days: int,
-        start: date,
-        on_day: Callable[[date, dict[str, int]], None] | None = None,
         set_test_clock: bool = True,
     ) -> None:
-        if organizations < 1 or days < 1:
-            raise ValueError("a simulation needs at least one organization and one day")
         self.session = session
         self.gateway = gateway
         self.sandbox = sandbox
         self.config = config
-        self.rng = random.Random(seed)
-        self.start = start
-        self.days = days
-        self.on_day = on_day
         self.set_test_clock = set_test_clock and config.allow_future_dates
-        self.result = SimulationResult(seed=seed, organizations=organizations, days=days, start=start)
-        self.orgs: list[SimOrganization] = []
-        self.boletos: dict[int, BoletoPlan] = {}  # boleto id → what its payer will do
-        self.today_events: Counter[str] = Counter()
         self.outbox = _LocalOutbox()
-        self._count = organizations
+        self._dispatch = contextlib.ExitStack()
+        self._previous_clock: datetime | None = None
 
-    # --- the run ------------------------------------------------------------------------------------
+    def __enter__(self) -> InProcessWorld:
+        self._previous_clock = self.session.scalar(select(ClockSetting.now).where(ClockSetting.id == clock.CLOCK_ID))
+        self.session.commit()
+        self._dispatch.enter_context(dispatch_with(self.session, self.outbox))
+        return self
 
-    def run(self) -> SimulationResult:
-        previous_clock = self.session.scalar(select(ClockSetting.now).where(ClockSetting.id == clock.CLOCK_ID))
+    def __exit__(self, *exc_info: object) -> None:
         try:
-            with dispatch_with(self.session, self.outbox):
-                before = self._snapshot()
-                self._setup()
-                self._discover_boletos(self.start)
-                self.result.setup = self._delta(before, self._snapshot(), self.today_events)
-                self.today_events = Counter()
-                for day in days_from(self.start, self.days):
-                    before = self._snapshot()
-                    self._day(day)
-                    counts = self._delta(before, self._snapshot(), self.today_events)
-                    self.today_events = Counter()
-                    self.result.per_day.append((day, counts))
-                    self.result.totals.update(counts)
-                    if self.on_day is not None:
-                        self.on_day(day, counts)
+            self._dispatch.close()
         finally:
             self.session.rollback()
             if self.set_test_clock:
-                if previous_clock is None:
+                if self._previous_clock is None:
                     clock.reset_clock(self.session)
                 else:
-                    clock.set_clock(self.session, previous_clock, self.config)
+                    clock.set_clock(self.session, self._previous_clock, self.config)
                 self.session.commit()
-        self.result.statuses = self._statuses()
-        self.result.violations = self._check()
-        return self.result
 
-    def _day(self, day: date) -> None:
+    def set_prices(self, product: str, *, monthly_cents: int, annual_cents: int, day: date, reason: str) -> None:
+        set_prices(
+            self.session,
+            product,
+            monthly_cents=monthly_cents,
+            annual_cents=annual_cents,
+            effective_from=day,
+            today=day,
+            actor="simulation",
+            reason=reason,
+        )
+        self.session.commit()
+
+    def save_organization(
+        self, organization_id: int, *, name: str, document: str, members: list[MemberCopy], day: date
+    ) -> None:
+        upsert_organization(
+            self.session, organization_id, name=name, document=document, members=members, now=noon_of(day)
+        )
+        self.session.commit()
+
+    def submit(self, body: dict[str, Any], day: date) -> Outcome | None:
+        request = submit_request(self.session, self.gateway, body, now=noon_of(day), config=self.config)
+        self._drain(noon_of(day))
+        if request is None:
+            return None
+        self.session.refresh(request)
+        return Outcome(request.status, request.error_code, request.result)
+
+    def begin_days(self, first_day: date) -> None:
+        pass
+
+    def pass_day(self, day: date) -> None:
         now = noon_of(day)
         if self.set_test_clock:
             clock.set_clock(self.session, now, self.config)
             self.session.commit()
         run_day(self.session, self.gateway, day, now, self.config)
         self._drain(now)
+
+    def pay_boleto(self, gateway_id: str, amount_cents: int, day: date) -> None:
+        self.sandbox.pay_boleto(gateway_id, paid_on=day, amount_cents=amount_cents)
+        record_boleto_payment(self.session, gateway_id, amount_cents=amount_cents, paid_on=day, now=noon_of(day))
+        self.session.commit()
+        self._drain(noon_of(day))
+
+    def expire_boleto(self, gateway_id: str, day: date) -> None:
+        self.sandbox.expire_boleto(gateway_id)
+        record_boleto_expired(self.session, gateway_id, on=day)
+        self.session.commit()
+        self._drain(noon_of(day))
+
+    def gateway_ledger(self) -> list[dict[str, Any]]:
+        return self.sandbox.ledger()
+
+    def _drain(self, now: datetime) -> None:
+        """The after-commit messages, here instead of the broker."""
+        while ready := self.outbox.take_ready():
+            for actor, args, _kwargs in ready:
+                name = getattr(actor, "actor_name", "")
+                if name == "cancel_boleto_at_gateway":
+                    cancel_boleto_at(self.gateway, args[0])
+                elif name == "issue_invoice_boleto":
+                    issue_boleto(self.session, self.gateway, args[0], config=self.config)
+                    self.session.commit()
+                elif name == "process_refund":
+                    execute_refund(self.session, self.gateway, args[0], now=now)
+                    self.session.commit()
+                # send_notification: the notice stays a row (counted, not mailed).
+
+
+class Simulation:
+    def __init__(
+        self,
+        session: Session,
+        world: World,
+        *,
+        seed: int,
+        organizations: int,
+        days: int,
+        start: date,
+        on_day: Callable[[date, dict[str, int]], None] | None = None,
+    ) -> None:
+        if organizations < 1 or days < 1:
+            raise ValueError("a simulation needs at least one organization and one day")
+        self.session = session
+        self.world = world
+        self.rng = random.Random(seed)
+        self.start = start
+        self.days = days
+        self.on_day = on_day
+        self.result = SimulationResult(seed=seed, organizations=organizations, days=days, start=start)
+        self.orgs: list[SimOrganization] = []
+        self.boletos: dict[int, BoletoPlan] = {}  # boleto id → what its payer will do
+        self.today_events: Counter[str] = Counter()
+        self._count = organizations
+
+    # --- the run ------------------------------------------------------------------------------------
+
+    def run(self) -> SimulationResult:
+        with self.world:
+            before = self._snapshot()
+            self._setup()
+            self._discover_boletos(self.start)
+            self.result.setup = self._delta(before, self._snapshot(), self.today_events)
+            self.today_events = Counter()
+            self.world.begin_days(self.start)
+            for day in days_from(self.start, self.days):
+                before = self._snapshot()
+                money_before = self._money()
+                self._day(day)
+                counts = self._delta(before, self._snapshot(), self.today_events)
+                self.today_events = Counter()
+                self.result.per_day.append((day, counts))
+                self.result.totals.update(counts)
+                money_after = self._money()
+                self.result.revenue.append(
+                    (day, *(after - before for after, before in zip(money_after, money_before, strict=True)))
+                )
+                self.result.statuses_by_day.append((day, self._statuses()))
+                if self.on_day is not None:
+                    self.on_day(day, counts)
+        self.result.statuses = self._statuses()
+        self.result.violations = self._check()
+        return self.result
+
+    def _day(self, day: date) -> None:
+        self.world.pass_day(day)
         self._discover_boletos(day)
         self._pay_and_expire(day)
         self._act(day)
@@ -328,6 +482,7 @@ class Simulation:
         rng = self.rng
         first_org = (self.session.scalar(select(func.max(Organization.id))) or 0) + 1
         next_member = (self.session.scalar(select(func.max(Member.id))) or 0) + 1
+        self.session.commit()
         plans = list(PLAN_WEIGHTS)
         for index in range(self._count):
             plan = rng.choices(plans, weights=[PLAN_WEIGHTS[name] for name in plans])[0]
@@ -361,17 +516,13 @@ class Simulation:
             next_member += 4
             self.orgs.append(org)
         earliest = min(org.anchor for org in self.orgs)
-        set_prices(
-            self.session,
+        self.world.set_prices(
             PRODUCT,
             monthly_cents=MONTHLY_PRICE_CENTS,
             annual_cents=ANNUAL_PRICE_CENTS,
-            effective_from=earliest,
-            today=earliest,
-            actor="simulation",
-            reason=f"renova simulate --seed {self.result.seed}",
+            day=earliest,
+            reason=f"simulation, seed {self.result.seed}",
         )
-        self.session.commit()
         for org in sorted(self.orgs, key=lambda o: (o.anchor, o.index)):
             self._subscribe(org)
         for org in self.orgs:
@@ -381,10 +532,8 @@ class Simulation:
 
     def _subscribe(self, org: SimOrganization) -> None:
         day = org.anchor
-        now = noon_of(day)
         n = org.index + 1
-        upsert_organization(
-            self.session,
+        self.world.save_organization(
             org.id,
             name=f"Organização simulada {n}",
             document=cpf(self.rng),
@@ -394,9 +543,8 @@ class Simulation:
                 MemberCopy(org.member, "member", f"Membro {n}", f"membro{n}@sim{org.id}.example"),
                 MemberCopy(org.financial, "member", f"Financeiro {n}", f"financeiro{n}@sim{org.id}.example", True),
             ],
-            now=now,
+            day=day,
         )
-        self.session.commit()
         if org.token is not None:
             # The first charge must go through: a card that will decline is registered afterwards.
             self._card(org, day, GOOD_CARD)
@@ -405,9 +553,9 @@ class Simulation:
             "annual_card": ("annual", "card"),
             "annual_boleto": ("annual", "boleto"),
         }[org.plan]
-        request = self._submit(org, day, "subscribe", by=org.owner, product=PRODUCT, cycle=cycle, payment_method=method)
-        if request is not None and request.status == "applied":
-            org.subscription_id = int((request.result or {})["subscription_id"])
+        outcome = self._submit(org, day, "subscribe", by=org.owner, product=PRODUCT, cycle=cycle, payment_method=method)
+        if outcome is not None and outcome.status == "applied":
+            org.subscription_id = int((outcome.result or {})["subscription_id"])
         if org.token is not None and org.token != GOOD_CARD:
             self._card(org, day, org.token)
         if method == "boleto" and org.subscription_id is not None:
@@ -468,7 +616,9 @@ class Simulation:
             exp_year=day.year + 4,
         )
 
-    def _submit(self, org: SimOrganization, day: date, kind: str, *, by: int | None = None, **params: Any) -> Any:
+    def _submit(
+        self, org: SimOrganization, day: date, kind: str, *, by: int | None = None, **params: Any
+    ) -> Outcome | None:
         org.requests += 1
         body: dict[str, Any] = {
             "organization_id": org.id,
@@ -479,21 +629,18 @@ class Simulation:
         }
         if kind not in ("subscribe", "card") and org.subscription_id is not None:
             body["subscription_id"] = org.subscription_id
-        request = submit_request(self.session, self.gateway, body, now=noon_of(day), config=self.config)
-        self._drain(noon_of(day))
-        if request is None:
+        outcome = self.world.submit(body, day)
+        if outcome is None:
             return None
-        self.session.refresh(request)
-        if request.status == "applied":
+        if outcome.status == "applied":
             self.today_events["requests_applied"] += 1
             self.today_events[f"applied:{kind}"] += 1
-        elif request.status == "rejected":
-            code = request.error_code or "unknown"
+        elif outcome.status == "rejected":
             self.today_events["requests_rejected"] += 1
-            self.result.rejected[code] += 1
+            self.result.rejected[outcome.error_code or "unknown"] += 1
         else:
             self.today_events["requests_pending"] += 1
-        return request
+        return outcome
 
     # --- boletos -------------------------------------------------------------------------------------
 
@@ -505,7 +652,9 @@ class Simulation:
             .order_by(Boleto.id)
             .execution_options(populate_existing=True)
         )
-        return list(self.session.scalars(statement))
+        boletos = list(self.session.scalars(statement))
+        self.session.commit()
+        return boletos
 
     def _discover_boletos(self, day: date) -> None:
         """Decide, once per boleto, whether its payer pays it on time, late (once it is overdue) or never."""
@@ -541,38 +690,14 @@ class Simulation:
             if plan.pay_on == day:
                 self._pay(boleto, day)
             else:
-                self.sandbox.expire_boleto(boleto.gateway_id)
-                record_boleto_expired(self.session, boleto.gateway_id, on=day)
-                self.session.commit()
+                self.world.expire_boleto(boleto.gateway_id, day)
                 self.today_events["boletos_expired"] += 1
-                self._drain(noon_of(day))
 
     def _pay(self, boleto: Boleto, day: date) -> None:
         late = boleto.overdue_on is not None
-        self.sandbox.pay_boleto(boleto.gateway_id, paid_on=day, amount_cents=boleto.amount_cents)
-        record_boleto_payment(
-            self.session, boleto.gateway_id, amount_cents=boleto.amount_cents, paid_on=day, now=noon_of(day)
-        )
-        self.session.commit()
+        self.world.pay_boleto(boleto.gateway_id, boleto.amount_cents, day)
         if late:
             self.today_events["boletos_paid_late"] += 1
-        self._drain(noon_of(day))
-
-    # --- after-commit work, here instead of the broker ------------------------------------------------
-
-    def _drain(self, now: datetime) -> None:
-        while ready := self.outbox.take_ready():
-            for actor, args, _kwargs in ready:
-                name = getattr(actor, "actor_name", "")
-                if name == "cancel_boleto_at_gateway":
-                    cancel_boleto_at(self.gateway, args[0])
-                elif name == "issue_invoice_boleto":
-                    issue_boleto(self.session, self.gateway, args[0], config=self.config)
-                    self.session.commit()
-                elif name == "process_refund":
-                    execute_refund(self.session, self.gateway, args[0], now=now)
-                    self.session.commit()
-                # send_notification: the notice stays a row (counted, not mailed).
 
     # --- counting -------------------------------------------------------------------------------------
 
@@ -607,6 +732,22 @@ class Simulation:
         }
         self.session.commit()
         return snapshot
+
+    def _money(self) -> tuple[int, int]:
+        """Cents collected so far from these organizations: (by card, by boleto)."""
+        ids = self._org_ids() or [-1]
+        card = self.session.scalar(
+            select(func.coalesce(func.sum(Charge.amount_cents), 0))
+            .join(Invoice, Invoice.id == Charge.invoice_id)
+            .where(Invoice.organization_id.in_(ids), Charge.status == ChargeStatus.SUCCEEDED)
+        )
+        boleto = self.session.scalar(
+            select(func.coalesce(func.sum(Boleto.paid_amount_cents), 0))
+            .join(Invoice, Invoice.id == Boleto.invoice_id)
+            .where(Invoice.organization_id.in_(ids), Boleto.status == BoletoStatus.PAID)
+        )
+        self.session.commit()
+        return int(card or 0), int(boleto or 0)
 
     def _delta(self, before: dict[str, int], after: dict[str, int], events: Counter[str]) -> dict[str, int]:
         counts = {name: after[name] - before[name] for name in before}
@@ -646,7 +787,7 @@ class Simulation:
         invoice_of = {key: invoice_id for key, invoice_id in rows}
         per_key: Counter[str] = Counter()
         per_invoice: Counter[int] = Counter()
-        for entry in self.sandbox.ledger():
+        for entry in self.world.gateway_ledger():
             key = entry.get("idempotency_key")
             if entry.get("kind") != "charge" or key not in invoice_of:
                 continue

@@ -986,11 +986,10 @@ def simulate(
                 progress.update(task, advance=1, description=day.isoformat(), last=shown or "—")
 
             started = time.monotonic()
+            world = simulation.InProcessWorld(session, gateway, sandbox, config)
             result = simulation.Simulation(
                 session,
-                gateway,
-                sandbox,
-                config,
+                world,
                 seed=seed,
                 organizations=orgs,
                 days=days,

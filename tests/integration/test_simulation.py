@@ -8,7 +8,7 @@ from datetime import date
 import pytest
 
 from jobs.context import runtime
-from jobs.simulation import Simulation
+from jobs.simulation import InProcessWorld, Simulation
 from tests.integration.conftest import _reset_between
 from tests.integration.test_cli import renova
 
@@ -36,9 +36,8 @@ EXPECTED_REJECTED = {"boleto_already_issued": 1, "boleto_requires_annual": 3, "f
 
 
 def run(session, gateway, sandbox, seed: int):
-    return Simulation(
-        session, gateway, sandbox, runtime().config, seed=seed, organizations=6, days=40, start=START
-    ).run()
+    world = InProcessWorld(session, gateway, sandbox, runtime().config)
+    return Simulation(session, world, seed=seed, organizations=6, days=40, start=START).run()
 
 
 def queued_messages(broker) -> int:
@@ -61,6 +60,12 @@ def test_a_seed_gives_its_counts_with_a_clean_ledger_and_the_same_counts_again(
     assert first.statuses == {"active": 5, "suspended": 1}
     assert len(first.per_day) == 40
     assert sum(counts["declines"] for _, counts in first.per_day) == first.totals["declines"]
+    # The chart's series: two monthly renewals charged (R$ 49,90 each); two boletos paid, one of them
+    # a renewal at R$ 479,00 (the other an upgrade to annual, less its credit).
+    assert [day for day, _, _ in first.revenue] == [day for day, _ in first.per_day]
+    assert sum(card for _, card, _ in first.revenue) == 2 * 4_990
+    assert 47_900 < sum(boleto for _, _, boleto in first.revenue) < 2 * 47_900
+    assert first.statuses_by_day[-1][1] == first.statuses
 
     _reset_between(session)
     again = run(session, billing_gateway, sandbox_gateway, SEED)
