@@ -926,8 +926,6 @@ def simulate(
     or lost (ledger check, or more than one successful charge per invoice at the gateway)."""
     import tempfile
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     settings = get_settings()
     if settings.renova_env == "production":
         fail("renova simulate writes made-up customers and money: refused with RENOVA_ENV=production", code=2)
@@ -947,6 +945,7 @@ def simulate(
     from models.schema import Organization
     from workers.db import get_session_factory, resolved_urls
     from workers.migrate import upgrade
+    from workers.simulation_view import day_progress, summary_table
 
     upgrade(resolved_urls()[0])
     config = runtime().config
@@ -971,20 +970,7 @@ def simulate(
                 "the ledger check covers them; the counts cover only this run's organizations"
             )
         console.print(f"simulating {orgs} organizations for {days} days from {first_day.isoformat()} (seed {seed})")
-        with Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[last]}"),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress:
-            task = progress.add_task("days", total=days, last="setting up")
-
-            def on_day(day: date, counts: dict[str, int]) -> None:
-                shown = ", ".join(f"{name} {counts[name]}" for name in simulation.COUNTERS if counts.get(name))
-                progress.update(task, advance=1, description=day.isoformat(), last=shown or "—")
-
+        with day_progress(console, days) as on_day:
             started = time.monotonic()
             world = simulation.InProcessWorld(session, gateway, sandbox, config)
             result = simulation.Simulation(
@@ -997,19 +983,9 @@ def simulate(
                 on_day=on_day,
             ).run()
             elapsed = time.monotonic() - started
-    console.print(f"[bold]Simulation: {orgs} organizations, {days} days from {first_day.isoformat()}, seed {seed}[/]")
-    table = Table()
-    table.add_column("count")
-    table.add_column("set-up", justify="right")
-    table.add_column("days", justify="right")
-    names = [*simulation.COUNTERS, *sorted((set(result.totals) | set(result.setup)) - set(simulation.COUNTERS))]
-    for name in names:
-        table.add_row(name, str(result.setup.get(name, 0)), str(result.totals.get(name, 0)))
-    for code, count in sorted(result.rejected.items()):
-        table.add_row(f"rejected: {code}", "", str(count))
-    for status, count in sorted(result.statuses.items()):
-        table.add_row(f"subscriptions {status}", "", str(count))
-    console.print(table)
+    title = f"Simulation: {orgs} organizations, {days} days from {first_day.isoformat()}, seed {seed}"
+    console.print(f"[bold]{title}[/]")
+    console.print(summary_table(result))
     console.print(f"simulated {days} days in {elapsed:.1f} s")
     if result.violations:
         console.print(f"[bold red]{len(result.violations)} invariant violation(s): money kept or lost[/]")
