@@ -146,6 +146,12 @@ class SandboxHttp:
         response.raise_for_status()
         return response.json()
 
+    def configure(self, **faults: Any) -> Any:
+        """Change the sandbox's fault settings (`POST /sandbox/config`), e.g. `timeout_rate=0.03`."""
+        response = self._http.post("/sandbox/config", json=faults)
+        response.raise_for_status()
+        return response.json()
+
     def ledger(self) -> list[dict[str, Any]]:
         response = self._http.get("/sandbox/ledger")
         response.raise_for_status()
@@ -465,8 +471,8 @@ class Simulation:
                 self.result.statuses_by_day.append((day, self._statuses()))
                 if self.on_day is not None:
                     self.on_day(day, counts)
-        self.result.statuses = self._statuses()
-        self.result.violations = self._check()
+            self.result.statuses = self._statuses()
+            self.result.violations = self._check()
         return self.result
 
     def _day(self, day: date) -> None:

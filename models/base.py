@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, MetaData, func
+from sqlalchemy import BigInteger, DateTime, MetaData, event, func
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, ORMExecuteState, Session, mapped_column
 
 # Explicit constraint names keep Alembic's autogenerate comparison stable.
 NAMING_CONVENTION = {
@@ -32,3 +32,17 @@ class Base(DeclarativeBase):
 class Timestamped:
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
+
+
+@event.listens_for(Session, "do_orm_execute")
+def _locked_rows_are_read_fresh(state: ORMExecuteState) -> None:
+    """A row selected FOR UPDATE is loaded afresh, even when the session already holds its object.
+
+    Sessions here don't expire objects on commit, so an object read earlier (before a gateway call,
+    say) keeps its old attributes; without this, the state check made under the lock would read the
+    state from before the lock — e.g. a charge another worker recorded meanwhile would look pending
+    and be recorded twice. (SQLAlchemy's advice: `populate_existing` with `with_for_update`.)
+    """
+    statement = state.statement
+    if state.is_select and getattr(statement, "_for_update_arg", None) is not None:
+        state.update_execution_options(populate_existing=True)

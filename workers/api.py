@@ -351,7 +351,7 @@ def put_organization(organization_id: int, body: OrganizationIn, session: Sessio
             name=body.name,
             document=body.document,
             members=[MemberCopy(**member.model_dump()) for member in body.members],
-            now=datetime.now(UTC),
+            now=clock_now(session),
         )
     except RuleViolation as violation:
         session.rollback()

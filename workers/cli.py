@@ -995,5 +995,119 @@ def simulate(
     console.print("invariants hold: ledger check clean, at most one successful charge per invoice at the gateway")
 
 
+# --- the demo ------------------------------------------------------------------------------------
+
+
+def _use_environment(env: dict[str, str]) -> None:
+    """Point this process's settings, database and (not yet built) broker at another stack."""
+    from workers.db import reset, resolved_urls
+
+    os.environ.update(env)
+    get_settings.cache_clear()
+    reset()
+    resolved_urls.cache_clear()
+
+
+@app.command()
+def demo(
+    orgs: int = typer.Option(60, "--orgs", min=1, max=500, help="How many organizations subscribe."),
+    days: int = typer.Option(90, "--days", min=1, max=400, help="How many days pass, one at a time."),
+    seed: int = typer.Option(1, "--seed", help="The seed of the customers' choices."),
+    keep: bool = typer.Option(False, "--keep", help="Leave the stack running afterwards, to browse it."),
+    stop: bool = typer.Option(False, "--stop", help="Only stop a demo left running with --keep."),
+) -> None:
+    """Watch months of billing pass in minutes: the whole system on its own embedded stack (PostgreSQL,
+    Redis, mail sink, sandbox gateway, web, worker, scheduler as real processes), ~60 organizations
+    acting through the API while the test clock moves one day at a time. Ends with a summary, the
+    ledger check, a chart and where to look; exits 1 if money was kept or lost."""
+    settings = get_settings()
+    if settings.renova_env == "production":
+        fail("renova demo writes made-up customers and money: refused with RENOVA_ENV=production", code=2)
+    from workers.demo_stack import DemoError, DemoStack, demo_dir, stop_leftovers
+
+    root = demo_dir(settings.data_dir)
+    if stop:
+        console.print("demo stopped" if stop_leftovers(root) else "no demo was running")
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        fail("the demo draws its chart with matplotlib: pip install 'renova[demo]'", code=2)
+
+    stack = DemoStack(root)
+    started = time.monotonic()
+    try:
+        stack.start(say=console.print)
+        _use_environment(stack.env)
+        wire()
+        from jobs.context import runtime
+        from models.calendar import local_today
+        from workers.db import get_session_factory
+        from workers.demo import draw_chart, run_demo
+        from workers.simulation_view import day_progress, summary_table
+
+        run_settings = get_settings()
+        config = runtime().config
+        first_day = local_today(datetime.now(UTC), config.timezone)
+        console.print(
+            f"{orgs} organizations subscribe, then {days} days pass from {first_day.isoformat()} (seed {seed}); "
+            f"API {stack.web_url}"
+        )
+        with day_progress(console, days) as on_day:
+            result, warnings = run_demo(
+                stack,
+                get_session_factory(),
+                config,
+                run_settings.billing_run_at,
+                seed=seed,
+                organizations=orgs,
+                days=days,
+                start=first_day,
+                on_day=on_day,
+            )
+        console.print(f"[bold]Demo: {orgs} organizations, {days} days from {first_day.isoformat()}, seed {seed}[/]")
+        console.print(summary_table(result))
+        for warning in warnings:
+            console.print(f"[yellow]note:[/] {warning}")
+        console.print("[bold]renova ledger check[/]")
+        check = subprocess.run(
+            [sys.executable, "-m", "workers.cli", "ledger", "check"],
+            env={**os.environ, **stack.env},
+            capture_output=True,
+            text=True,
+        )
+        console.print((check.stdout + check.stderr).rstrip(), markup=False, highlight=False)
+        gateway_violations = [line for line in result.violations if line.startswith("[gateway]")]
+        for line in gateway_violations:
+            console.print(f"  {line}", markup=False)
+        if not gateway_violations:
+            console.print("sandbox ledger: at most one successful charge per invoice")
+        chart = draw_chart(result, root / "demo.png")
+        mails = sorted(stack.mail.glob("*.eml"))
+        console.print(f"chart: {chart}")
+        console.print(f"e-mails sent: {len(mails)} in {stack.mail}")
+        console.print(f"logs: {stack.logs}")
+        console.print(f"took {time.monotonic() - started:.0f} s")
+        failed = check.returncode != 0 or bool(result.violations)
+    except DemoError as exc:
+        keep = False
+        fail(str(exc))
+    except KeyboardInterrupt:
+        keep = False
+        fail("interrupted", code=130)
+    finally:
+        if keep:
+            console.print(
+                f"left running: API {stack.web_url} (docs {stack.web_url}/docs, key {stack.api_key}), "
+                f"sandbox {stack.gateway_url}; stop it with `renova demo --stop`"
+            )
+        else:
+            stack.stop()
+            console.print("stopped everything the demo started")
+    if failed:
+        console.print("[bold red]money was kept or lost: see above[/]")
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":
     app()

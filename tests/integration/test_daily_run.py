@@ -263,6 +263,40 @@ def test_gateway_timeout_after_charging_is_reconciled_not_charged_again(
     )
 
 
+def test_an_outcome_recorded_meanwhile_by_another_worker_is_not_recorded_again(
+    session, billing_gateway, sandbox_gateway
+):
+    """Seen in the demo: a renewal's phase 3 and the janitor record the same success. The second
+    one had the charge in its session from before the lock and read it as still unresolved."""
+    from gateways.base import ChargeResult
+    from jobs.payments import reconcile_charge, record_charge_outcome
+    from models.schema import LedgerEntry
+
+    seed_plans(session)
+    card_subscription(session, 1, DAY, token="tok_timeout")
+    session.commit()
+    with sandbox_gateway.configured(stall_ms=3000):
+        from jobs.billing_day import run_day
+
+        run_day(session, billing_gateway, DAY, noon(DAY), runtime().config)
+    charge = session.scalars(select(Charge)).one()  # held by this session: unknown
+    assert charge.status == "unknown"
+    session.commit()
+
+    with get_session_factory()() as janitor:
+        reconcile_charge(janitor, billing_gateway, charge.id, now=noon(DAY), config=runtime().config)
+        janitor.commit()
+    assert status_of(charge.id) == "succeeded"
+
+    late = ChargeResult(
+        gateway_id="ch_late", status="succeeded", amount_cents=charge.amount_cents, idempotency_key=charge.idempotency_key
+    )
+    assert record_charge_outcome(session, charge.id, late, on=DAY, now=noon(DAY), config=runtime().config) == "succeeded"
+    session.commit()
+    kinds = session.scalars(select(LedgerEntry.kind).where(LedgerEntry.invoice_id == charge.invoice_id)).all()
+    assert sorted(kinds) == ["payment"]
+
+
 def status_of(charge_id: int) -> str:
     with get_session_factory()() as own:
         return own.scalar(select(Charge.status).where(Charge.id == charge_id))
