@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format bench clean
+.PHONY: install test demo lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/pytest
+
+# Months of billing on the embedded stack in about two minutes; `make demo ARGS=--keep` leaves it running.
+demo: $(STAMP)
+	$(BIN)/renova demo $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

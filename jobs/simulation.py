@@ -84,6 +84,7 @@ BOLETO_ORG_CARD_RATE = 0.6  # boleto payers with a card on file (they may switch
 PLANNED_SWITCH_RATE = 0.6  # annual boleto payers who ask to switch to card around T − 7
 ACTION_RATE = 0.03  # per organization and day: somebody does something in "Minhas assinaturas"
 FIX_CARD_RATE = 0.3  # per day while past due on a declining card: a new card
+SECOND_COPY_RATE = 0.1  # per day while a boleto is overdue: the payer asks for a segunda via
 BOLETO_FATES = {"on_time": 0.7, "late": 0.15, "never": 0.15}
 EXPIRE_AFTER_OVERDUE_DAYS = 10  # a boleto nobody pays expires at the gateway (segunda via follows)
 ACTIONS = {
@@ -573,6 +574,13 @@ class Simulation:
 
     def _act(self, day: date) -> None:
         rng = self.rng
+        overdue = set(
+            self.session.scalars(
+                select(Invoice.organization_id)
+                .join(Boleto, Boleto.invoice_id == Invoice.id)
+                .where(Invoice.organization_id.in_(self._org_ids()), Boleto.status == BoletoStatus.OVERDUE)
+            )
+        )
         for org in self.orgs:
             if org.subscription_id is None:
                 continue
@@ -587,6 +595,9 @@ class Simulation:
                 and rng.random() < FIX_CARD_RATE
             ):
                 self._card(org, day, GOOD_CARD)
+                continue
+            if org.id in overdue and rng.random() < SECOND_COPY_RATE:
+                self._submit(org, day, "reissue_boleto")
                 continue
             if rng.random() >= ACTION_RATE:
                 continue
@@ -642,8 +653,10 @@ class Simulation:
             self.today_events["requests_applied"] += 1
             self.today_events[f"applied:{kind}"] += 1
         elif outcome.status == "rejected":
+            code = outcome.error_code or "unknown"
             self.today_events["requests_rejected"] += 1
-            self.result.rejected[outcome.error_code or "unknown"] += 1
+            self.today_events[f"rejected:{code}"] += 1
+            self.result.rejected[code] += 1
         else:
             self.today_events["requests_pending"] += 1
         return outcome

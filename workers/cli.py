@@ -141,7 +141,8 @@ def worker(
     ]
     if queues:
         args += ["--queues", *queues]
-    os.execvpe(args[0], args, runtime_environment())
+    environment = {**runtime_environment(), "dramatiq_worker_timeout": str(settings.worker_idle_poll_ms)}
+    os.execvpe(args[0], args, environment)
 
 
 @stack_app.command("start")
@@ -1101,6 +1102,7 @@ def demo(
                 f"left running: API {stack.web_url} (docs {stack.web_url}/docs, key {stack.api_key}), "
                 f"sandbox {stack.gateway_url}; stop it with `renova demo --stop`"
             )
+            console.print(f"the CLI on it: RENOVA_DATA_DIR={root} renova clock show | ledger check | refunds list …")
         else:
             stack.stop()
             console.print("stopped everything the demo started")

@@ -12,6 +12,7 @@ Imported only once the broker is wired to the demo's Redis (it imports the flows
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as time_of_day
 from pathlib import Path
@@ -189,7 +190,9 @@ class LiveWorld:
         self.warnings.append(f"the queues were still busy after {timeout:.0f} s")
         return False
 
-    def _until(self, found: Any, day: date, what: str = "the scheduler to claim the billing run") -> None:
+    def _until(
+        self, found: Callable[[Session], object], day: date, what: str = "the scheduler to claim the billing run"
+    ) -> None:
         deadline = time.monotonic() + STEP_TIMEOUT_SECONDS
         while time.monotonic() < deadline:
             with self.session_factory() as session:

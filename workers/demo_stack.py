@@ -28,6 +28,8 @@ from workers.queues import NAMESPACE
 PROCESSES_FILE = "processes.json"
 READ_TIMEOUT_SECONDS = 1.5
 TICK_INTERVAL_SECONDS = 0.25
+# Each step of the demo waits for the workers: an idle queue is polled every 50 ms, not every second.
+IDLE_POLL_MS = 50
 
 
 class DemoError(RuntimeError):
@@ -87,6 +89,7 @@ class DemoStack:
             "TICK_INTERVAL_SECONDS": str(TICK_INTERVAL_SECONDS),
             "WORKER_PROCESSES": "1",
             "WORKER_THREADS": "8",
+            "WORKER_IDLE_POLL_MS": str(IDLE_POLL_MS),
             "SENTRY_DSN": "",
         }
         from workers.migrate import upgrade

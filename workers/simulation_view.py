@@ -30,6 +30,9 @@ def day_progress(console: Console, days: int) -> Iterator[Callable[[date, dict[s
 
         def on_day(day: date, counts: dict[str, int]) -> None:
             shown = ", ".join(f"{name} {counts[name]}" for name in COUNTERS if counts.get(name))
+            codes = [name.removeprefix("rejected:") for name in sorted(counts) if name.startswith("rejected:")]
+            if codes:
+                shown += f" ({', '.join(codes)})"
             progress.update(task, advance=1, description=day.isoformat(), last=shown or "—")
             if shown:
                 progress.console.print(f"[dim]{day.isoformat()}[/]  {shown}")
@@ -43,7 +46,8 @@ def summary_table(result: SimulationResult) -> Table:
     table.add_column("count")
     table.add_column("set-up", justify="right")
     table.add_column("days", justify="right")
-    names = [*COUNTERS, *sorted((set(result.totals) | set(result.setup)) - set(COUNTERS))]
+    others = (set(result.totals) | set(result.setup)) - set(COUNTERS)
+    names = [*COUNTERS, *sorted(name for name in others if not name.startswith("rejected:"))]
     for name in names:
         table.add_row(name, str(result.setup.get(name, 0)), str(result.totals.get(name, 0)))
     for code, count in sorted(result.rejected.items()):

@@ -289,9 +289,14 @@ def test_an_outcome_recorded_meanwhile_by_another_worker_is_not_recorded_again(
     assert status_of(charge.id) == "succeeded"
 
     late = ChargeResult(
-        gateway_id="ch_late", status="succeeded", amount_cents=charge.amount_cents, idempotency_key=charge.idempotency_key
+        gateway_id="ch_late",
+        status="succeeded",
+        amount_cents=charge.amount_cents,
+        idempotency_key=charge.idempotency_key,
     )
-    assert record_charge_outcome(session, charge.id, late, on=DAY, now=noon(DAY), config=runtime().config) == "succeeded"
+    assert (
+        record_charge_outcome(session, charge.id, late, on=DAY, now=noon(DAY), config=runtime().config) == "succeeded"
+    )
     session.commit()
     kinds = session.scalars(select(LedgerEntry.kind).where(LedgerEntry.invoice_id == charge.invoice_id)).all()
     assert sorted(kinds) == ["payment"]
