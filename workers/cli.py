@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from workers.cli_common import business_today, console, current_now, fail, wire
 from workers.settings import Settings, SettingsError, get_settings
 
 if TYPE_CHECKING:
@@ -41,17 +41,6 @@ clock_app = typer.Typer(
 )
 app.add_typer(clock_app, name="clock")
 
-console = Console()
-
-
-def wire() -> None:
-    """Build the broker and bind the actors; must run before any actor module is imported."""
-    import workers.broker  # noqa: F401
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
 
 
 @app.callback()
@@ -99,17 +88,6 @@ def refuse_test_clock_at_start() -> None:
             refuse_test_clock_in_production(session)
         except SettingsError as exc:
             fail(str(exc), code=2)
-
-
-def current_now() -> datetime:
-    """ "now" as every process reads it: the test clock when one is set (development and test), else
-    the wall clock (`jobs.clock.now`)."""
-    from jobs import clock
-    from workers.broker import billing_config
-    from workers.db import get_session_factory
-
-    with get_session_factory()() as session:
-        return clock.now(session, billing_config(get_settings()))
 
 
 def runtime_environment() -> dict[str, str]:
@@ -519,14 +497,6 @@ _PLAN_OPTIONS = {
 }
 
 
-def _business_today() -> date:
-    """Today's business date: "now"'s date in the billing time zone (as `run-day`; the test clock's
-    when one is set)."""
-    from models.calendar import local_today
-
-    return local_today(current_now(), get_settings().billing_timezone)
-
-
 def _plan_error(exc: PlanError) -> NoReturn:
     options = ", ".join(_PLAN_OPTIONS.get(name, name) for name in exc.fields)
     fail(f"{options}: {exc.message}" if options else exc.message, code=2)
@@ -568,7 +538,7 @@ def plans_set(
     from jobs.plans import PlanError, parse_iso_date, parse_reais, price_list, set_prices
     from workers.db import get_session_factory
 
-    today = _business_today()
+    today = business_today()
     try:
         monthly_cents = parse_reais(monthly, "monthly_cents") if monthly is not None else None
         annual_cents = parse_reais(annual, "annual_cents") if annual is not None else None
@@ -608,7 +578,7 @@ def plans_list(product: str | None = typer.Option(None, help="Only this product.
     from jobs.plans import price_list
     from workers.db import get_session_factory
 
-    today = _business_today()
+    today = business_today()
     with get_session_factory()() as session:
         rows = price_list(session, product, on=today)
     if not rows:
