@@ -8,6 +8,7 @@ lock (a duplicated message finds nothing to do), and `tick` re-scans until nothi
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 import dramatiq
-from sqlalchemy import Select, func, literal, select, update
+from sqlalchemy import Select, func, literal, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, aliased
 
@@ -319,12 +320,52 @@ def process_chunk(task_name: str, run_date: str, ids: list[int], now: str) -> No
     )
     for failed_id in result.failed:
         process_chunk.send(task_name, run_date, [failed_id], now)
+    record_chunk(session, on, task_name, done=result.done, failed_ids=list(result.failed))
+
+
+# Per task: rows done, attempts failed, and the ids that failed (the latest FAILED_IDS_KEPT), added in one
+# statement so that chunks finishing at the same time never lose each other's counts.
+FAILED_IDS_KEPT = 200
+_RECORD_CHUNK = text(
+    """
+    UPDATE billing_runs SET
+      done_count = done_count + chunk.done,
+      failed_count = failed_count + chunk.failed,
+      counts = counts || jsonb_build_object(
+        'done', coalesce(counts->'done', '{}'::jsonb)
+          || jsonb_build_object(chunk.task, coalesce((counts->'done'->>chunk.task)::int, 0) + chunk.done),
+        'failed', coalesce(counts->'failed', '{}'::jsonb)
+          || jsonb_build_object(chunk.task, coalesce((counts->'failed'->>chunk.task)::int, 0) + chunk.failed),
+        'failed_ids', coalesce(counts->'failed_ids', '{}'::jsonb)
+          || jsonb_build_object(chunk.task, (
+               SELECT coalesce(jsonb_agg(id ORDER BY n), '[]'::jsonb) FROM (
+                 SELECT id, n
+                 FROM jsonb_array_elements(coalesce(counts->'failed_ids'->chunk.task, '[]'::jsonb) || chunk.ids)
+                   WITH ORDINALITY AS kept(id, n)
+                 ORDER BY n DESC LIMIT chunk.kept
+               ) latest))
+      )
+    FROM (
+      SELECT CAST(:task AS text) AS task, CAST(:done AS int) AS done, CAST(:failed AS int) AS failed,
+             CAST(:failed_ids AS jsonb) AS ids, CAST(:kept AS int) AS kept
+    ) AS chunk
+    WHERE run_date = :on
+    """
+)
+
+
+def record_chunk(session: Session, on: date, task: str, *, done: int, failed_ids: list[int]) -> None:
+    """Add a chunk's outcome to its run, per task (what the console and `/metrics` show as progress)."""
     session.execute(
-        update(BillingRun)
-        .where(BillingRun.run_date == on)
-        .values(
-            done_count=BillingRun.done_count + result.done, failed_count=BillingRun.failed_count + len(result.failed)
-        )
+        _RECORD_CHUNK,
+        {
+            "on": on,
+            "task": task,
+            "done": done,
+            "failed": len(failed_ids),
+            "failed_ids": json.dumps(failed_ids),
+            "kept": FAILED_IDS_KEPT,
+        },
     )
 
 

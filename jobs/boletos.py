@@ -25,6 +25,7 @@ from jobs.invoicing import apply_credit, lock_subscription, mark_invoice_paid
 from jobs.notifications import notify
 from jobs.outbox import send_after_commit
 from jobs.retries import STANDARD
+from jobs.work_attempts import GATEWAY_EVENT, failures_recorded
 from models.calendar import local_today
 from models.schema import Boleto, GatewayEvent, Invoice, Subscription
 from models.states import BoletoPurpose, BoletoStatus, InvoiceKind, InvoiceStatus, PaymentMethod, SubscriptionStatus
@@ -195,7 +196,10 @@ def record_boleto_expired(session: Session, gateway_id: str, *, on: date) -> str
 def process_gateway_event(event_id: str) -> None:
     session = current_session()
     config = runtime().config
-    record_gateway_event(session, event_id, now=clock.now(session, config), config=config)
+    now = clock.now(session, config)
+    # A failure is recorded on the event (the tick backs off, then leaves it to an operator) and raised.
+    with failures_recorded(session, GATEWAY_EVENT, event_id, now):
+        record_gateway_event(session, event_id, now=now, config=config)
 
 
 # --- issuance ----------------------------------------------------------------------------------

@@ -6,9 +6,11 @@ enqueued (through `jobs.outbox`, never before the row exists); the scheduler's t
 (`pending_notification_ids`), so a lost message only delays a notice. Delivery locks the row, so a
 duplicated message finds it sent and sends nothing.
 
-SMTP failures: the attempt count and error are recorded on the row and committed before the error
-is raised again, so they survive the rollback of the message's transaction; the row stays `pending`
-and the message is retried with backoff (then the tick takes over). Only two outcomes are final
+Failures (SMTP, or a notice that cannot be rendered): the attempt is recorded on the row by
+`jobs.work_attempts` (error, next attempt after a backoff, "needs attention" after too many) and
+committed before the error is raised again, so it survives the rollback of the message's
+transaction; the row stays `pending`, the message is retried with backoff when the error is
+transient, and the tick re-enqueues it once its next attempt is due. Only two outcomes are final
 failures, because retrying cannot help: no recipient at all, and every recipient refused by the
 server with a permanent (5xx) code.
 
@@ -35,10 +37,12 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 import jobs
+from jobs import clock
 from jobs.context import Mailer, NotConfigured, current_session, runtime
 from jobs.errors import PermanentError, cause
 from jobs.outbox import send_after_commit
 from jobs.retries import STANDARD
+from jobs.work_attempts import NOTIFICATION, describe_error, due_for_retry, record_apart, record_failure
 from models.calendar import format_date_br
 from models.money import format_brl
 from models.policy import cycle_name, payment_method_name
@@ -126,7 +130,6 @@ QUOTE_KEYS: Final = (
 # (annual → monthly). Other kinds' optional keys are in OPTIONAL_KEYS.
 
 NO_RECIPIENTS: Final = "sem destinatários"
-_MAX_ERROR_LENGTH: Final = 1000
 
 
 def _missing_keys(kind: str, context: Mapping[str, Any]) -> list[str]:
@@ -222,11 +225,15 @@ def notify(
     return notification_id
 
 
-def pending_notification_ids(session: Session, older_than: datetime, limit: int = 1000) -> list[int]:
-    """Pending notices created before `older_than`, oldest first (served by ix_notifications_unsent)."""
+def pending_notification_ids(
+    session: Session, older_than: datetime, limit: int = 1000, *, now: datetime | None = None
+) -> list[int]:
+    """Pending notices created before `older_than` and due for another attempt at `now` (default
+    `older_than`; never one that needs attention), oldest first (served by ix_notifications_unsent)."""
     statement = (
         select(Notification.id)
         .where(Notification.status == NotificationStatus.PENDING.value, Notification.created_at < older_than)
+        .where(due_for_retry(Notification, now or older_than))
         .order_by(Notification.created_at)
         .limit(limit)
     )
@@ -411,7 +418,8 @@ def render(notification: Notification, organization_name: str) -> RenderedEmail:
 
 
 class DeliveryFailed(Exception):
-    """The mailer raised; the row's attempt count and error are set but not yet committed.
+    """The notice could not be sent (the mailer raised, or it could not be built); the failed attempt
+    is recorded on the row (`jobs.work_attempts.record_failure`) but not yet committed.
 
     `error` is what went wrong (the protocol's own error, under the mailer's neutral one); `raised`
     is what the mailer raised. Commit the session before propagating `raised` (the runtime rolls
@@ -450,17 +458,24 @@ def build_message(
     return message
 
 
-def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"[:_MAX_ERROR_LENGTH]
-
-
-def deliver_notification(session: Session, notification_id: int, mailer: Mailer, mail_from: str, now: datetime) -> str:
+def deliver_notification(
+    session: Session,
+    notification_id: int,
+    mailer: Mailer,
+    mail_from: str,
+    now: datetime,
+    *,
+    clock_now: datetime | None = None,
+) -> str:
     """Send one notice unless it was sent already; returns what happened.
 
     "sent", "already_sent", "already_failed", "missing" (no such row: its transaction rolled back),
-    "no_recipients" or "refused" (both final: status failed). On a mailer error raises DeliveryFailed
-    with the row's bookkeeping flushed: commit, then re-raise `raised` so the message is retried.
-    The row stays locked during the SMTP exchange, so a concurrent duplicate waits and then finds it sent.
+    "no_recipients" or "refused" (both final: status failed). When the notice cannot be sent (a
+    mailer error, or it cannot be built) raises DeliveryFailed with the failed attempt recorded and
+    flushed: commit, then re-raise `raised` so that a transient error is retried. `clock_now` is
+    "now" as the scheduler's tick reads it (`jobs.clock.now`), from which the next attempt is
+    scheduled (default `now`). The row stays locked during the SMTP exchange, so a concurrent
+    duplicate waits and then finds it sent.
     """
     notification = session.execute(
         select(Notification)
@@ -481,16 +496,17 @@ def deliver_notification(session: Session, notification_id: int, mailer: Mailer,
         _mark_failed(notification, NO_RECIPIENTS)
         return "no_recipients"
 
-    organization = session.get(Organization, notification.organization_id)
-    rendered = render(notification, organization.name if organization else "")
     try:
+        organization = session.get(Organization, notification.organization_id)
+        rendered = render(notification, organization.name if organization else "")
         mailer.send(build_message(notification, rendered, recipients, mail_from, now))
     except PermanentError as exc:  # e.g. every recipient refused for good: retrying cannot help
-        _mark_failed(notification, _describe(cause(exc)))
+        _mark_failed(notification, describe_error(exc))
         return "refused"
     except Exception as exc:
-        notification.last_error = _describe(cause(exc))
-        session.flush()
+        # A notice that cannot be rendered fails the same way every time: counted like an SMTP
+        # error, so that the tick backs off and finally leaves it to an operator.
+        record_failure(session, notification, exc, clock_now or now, counted=True)
         raise DeliveryFailed(notification_id, cause(exc), exc) from exc
 
     notification.status = NotificationStatus.SENT.value
@@ -509,10 +525,18 @@ def send_notification(notification_id: int) -> None:
     if rt.mailer_factory is None:
         raise NotConfigured("the runtime has no mailer_factory")
     session = current_session()
+    # The notice's Date is the real time; its next attempt is scheduled on the clock the tick reads.
+    clock_now = clock.now(session, rt.config)
     try:
-        deliver_notification(session, notification_id, rt.mailer_factory(), rt.mail_from, datetime.now(UTC))
+        deliver_notification(
+            session, notification_id, rt.mailer_factory(), rt.mail_from, datetime.now(UTC), clock_now=clock_now
+        )
     except DeliveryFailed as failure:
         # The runtime rolls back a message that raises; the attempt and its error must survive it.
         session.commit()
         # What the mailer raised decides whether the message is retried (see jobs.retries).
         raise failure.raised from None
+    except Exception as exc:
+        # Failed before the attempt could be recorded in this transaction (e.g. reading recipients).
+        record_apart(session, NOTIFICATION, notification_id, exc, clock_now)
+        raise

@@ -3,7 +3,9 @@
 It starts the next due billing run (one date at a time, in order, each claimed once across every
 scheduler), re-scans an unfinished run so that a message lost mid-run is redone the same day, and
 re-enqueues stale work whose message may have been lost: a flow registers its finder with
-`@stale_work(name)`.
+`@stale_work(name)`. Change requests, gateway events and notices are re-enqueued only when due for
+another attempt (`jobs.work_attempts`: a failed row waits out its backoff, and one that needs
+attention waits for an operator), so a row that always fails never loops.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from jobs.outbox import send_after_commit
 from jobs.payments import reconcile_charges, unresolved_charge_ids
 from jobs.refunds import process_refund, stale_refund_ids
 from jobs.retries import STANDARD
+from jobs.work_attempts import due_for_retry
 from models.calendar import latest_due_run_date
 from models.schema import BillingRun, GatewayEvent
 from models.states import RunStatus
@@ -111,7 +114,7 @@ def _send_each(session: Session, actor: dramatiq.Actor[Any, Any], ids: Sequence[
 
 @stale_work("notifications")
 def _requeue_notifications(session: Session, now: datetime) -> int:
-    ids = pending_notification_ids(session, older_than=now - STALE_WORK)
+    ids = pending_notification_ids(session, older_than=now - STALE_WORK, now=now)
     return _send_each(session, send_notification, ids)
 
 
@@ -120,6 +123,8 @@ def _requeue_gateway_events(session: Session, now: datetime) -> int:
     ids = session.scalars(
         select(GatewayEvent.event_id)
         .where(GatewayEvent.processed_at.is_(None), GatewayEvent.received_at < now - STALE_WORK)
+        .where(due_for_retry(GatewayEvent, now))
+        .order_by(GatewayEvent.received_at)
         .limit(500)
     ).all()
     return _send_each(session, process_gateway_event, ids)
@@ -132,7 +137,7 @@ def _requeue_refunds(session: Session, now: datetime) -> int:
 
 @stale_work("change_requests")
 def _requeue_change_requests(session: Session, now: datetime) -> int:
-    ids = pending_change_request_ids(session, older_than=now - STALE_WORK)
+    ids = pending_change_request_ids(session, older_than=now - STALE_WORK, now=now)
     return _send_each(session, process_change_request, ids)
 
 

@@ -357,6 +357,12 @@ class ChangeRequest(Base):
         UniqueConstraint("organization_id", "idempotency_key"),
         CheckConstraint(f"status IN {sql_in(ChangeRequestStatus)}", name="status"),
         Index("ix_change_requests_pending", "created_at", postgresql_where=text("status = 'pending'")),
+        # Stuck requests for the operator (`renova attention list`, and their count).
+        Index(
+            "ix_change_requests_needs_attention",
+            "needs_attention_at",
+            postgresql_where=text("status = 'pending' AND needs_attention_at IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -375,6 +381,12 @@ class ChangeRequest(Base):
     result: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     processed_at: Mapped[datetime | None]
+    # Failed processing attempts (jobs.work_attempts): the tick re-enqueues the request only from
+    # `next_attempt_at`, and never once it needs attention (until an operator retries it).
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime | None]
+    needs_attention_at: Mapped[datetime | None]
 
 
 class Notification(Base):
@@ -382,6 +394,11 @@ class Notification(Base):
     __table_args__ = (
         CheckConstraint(f"status IN {sql_in(NotificationStatus)}", name="status"),
         Index("ix_notifications_unsent", "created_at", postgresql_where=text("status = 'pending'")),
+        Index(
+            "ix_notifications_needs_attention",
+            "needs_attention_at",
+            postgresql_where=text("status = 'pending' AND needs_attention_at IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -394,8 +411,11 @@ class Notification(Base):
     recipients: Mapped[list[Any]] = mapped_column(server_default=text("'[]'::jsonb"))
     context: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
     status: Mapped[str] = mapped_column(String(16), server_default=NotificationStatus.PENDING.value)
+    # Delivery attempts, successful or not; the failed ones schedule the next (jobs.work_attempts).
     attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime | None]
+    needs_attention_at: Mapped[datetime | None]
     sent_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
@@ -418,6 +438,15 @@ class BillingRun(Base):
 
 class GatewayEvent(Base):
     __tablename__ = "gateway_events"
+    __table_args__ = (
+        # The tick's finder of unprocessed events (the table keeps every event ever received).
+        Index("ix_gateway_events_unprocessed", "received_at", postgresql_where=text("processed_at IS NULL")),
+        Index(
+            "ix_gateway_events_needs_attention",
+            "needs_attention_at",
+            postgresql_where=text("processed_at IS NULL AND needs_attention_at IS NOT NULL"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     event_id: Mapped[str] = mapped_column(String(128), unique=True)
@@ -425,6 +454,11 @@ class GatewayEvent(Base):
     payload: Mapped[dict[str, Any]]
     received_at: Mapped[datetime] = mapped_column(server_default=func.now())
     processed_at: Mapped[datetime | None]
+    # Failed processing attempts (jobs.work_attempts), as on change requests.
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime | None]
+    needs_attention_at: Mapped[datetime | None]
 
 
 class AuditEvent(Base):
@@ -452,3 +486,19 @@ class ClockSetting(Base):
     id: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False, server_default=text("1"))
     now: Mapped[datetime]
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class Operator(Base):
+    """Someone who logs in to the ops console: a viewer looks, an operator acts (`jobs.operators`)."""
+
+    __tablename__ = "operators"
+    __table_args__ = (CheckConstraint("role IN ('viewer', 'operator')", name="role"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(254), unique=True)
+    # Argon2id (pwdlib); the password itself is never stored.
+    password_hash: Mapped[str] = mapped_column(Text)
+    role: Mapped[str] = mapped_column(String(16))
+    active: Mapped[bool] = mapped_column(server_default=text("true"))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    last_login_at: Mapped[datetime | None]

@@ -1,11 +1,11 @@
 """The HTTP API: change requests, subscriptions and plan prices for the main application (Bearer API keys),
-gateway webhooks (signed), and a health check for operations."""
+gateway webhooks (signed), and a health check and Prometheus metrics (`workers/metrics.py`) for operations."""
 
 from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -20,17 +20,12 @@ from sqlalchemy.orm import Session
 
 from gateways.webhooks import InvalidSignature, verify
 from jobs.contract import ChangeRequestIn, describe_field_errors, field_errors
+from workers.db import get_session
+from workers.metrics import MetricsSource, metrics_source, refusal, scrape
 from workers.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from jobs.plans import PlanError
-
-
-def get_session() -> Iterator[Session]:
-    from workers.db import get_session_factory
-
-    with get_session_factory()() as session:
-        yield session
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
@@ -738,6 +733,22 @@ def create_app() -> FastAPI:
                     answer.update(clock="test", now=state.now.isoformat())
         return answer
 
+    @app.get("/metrics", include_in_schema=False)
+    def metrics(
+        source: Annotated[MetricsSource, Depends(metrics_source)],
+        settings: Annotated[Settings, Depends(get_settings)],
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> Response:
+        """Prometheus text format for operations, behind METRICS_TOKEN (README "Metrics and alerts")."""
+        refused = refusal(settings, authorization)
+        if refused is not None:
+            headers = {"WWW-Authenticate": "Bearer"} if refused.status == status.HTTP_401_UNAUTHORIZED else None
+            raise HTTPException(
+                refused.status, detail={"code": refused.code, "message": refused.message}, headers=headers
+            )
+        body, content_type = scrape(source, settings)
+        return Response(body, media_type=content_type)
+
     @app.exception_handler(HTTPException)
     async def error_body(request: Request, exc: HTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, dict) else {"code": "error", "message": str(exc.detail)}
@@ -745,4 +756,7 @@ def create_app() -> FastAPI:
 
     app.include_router(webhooks)
     app.include_router(v1)
+    from workers.console import mount_console
+
+    mount_console(app, get_settings())
     return app

@@ -11,6 +11,7 @@ from dramatiq.middleware import (
     AgeLimit,
     Callbacks,
     CurrentMessage,
+    Middleware,
     Pipelines,
     Retries,
     ShutdownNotifications,
@@ -63,8 +64,8 @@ def init_sentry(settings: Settings) -> None:
     )
 
 
-def build_broker(redis_url: str) -> RedisBroker:
-    middleware = [
+def build_broker(redis_url: str, worker_metrics_port: int | None = None) -> RedisBroker:
+    middleware: list[Middleware] = [
         AgeLimit(),
         TimeLimit(time_limit=TIME_LIMIT_MS),
         ShutdownNotifications(),
@@ -80,6 +81,11 @@ def build_broker(redis_url: str) -> RedisBroker:
         CurrentMessage(),
         DatabaseSession(get_session_factory()),
     ]
+    if worker_metrics_port is not None:
+        # Dramatiq's message metrics, served by each `renova worker` (workers/worker_metrics.py).
+        from workers.worker_metrics import WorkerMetrics
+
+        middleware.append(WorkerMetrics(worker_metrics_port))
     broker = RedisBroker(url=redis_url, middleware=middleware)
     for queue in QUEUES:
         broker.declare_queue(queue)
@@ -98,7 +104,7 @@ def setup() -> RedisBroker:
     settings = get_settings()
     init_sentry(settings)
     _, redis_url = resolved_urls()
-    broker = build_broker(redis_url)
+    broker = build_broker(redis_url, settings.worker_metrics_port)
     dramatiq.set_broker(broker)
     configure(
         Runtime(

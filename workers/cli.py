@@ -16,7 +16,10 @@ from typing import TYPE_CHECKING, NoReturn
 import typer
 from rich.table import Table
 
+from workers.cli_attention import attention_app
 from workers.cli_common import business_today, console, current_now, fail, wire
+from workers.cli_oncall import audit_app, charges_app, invoices_app, runs_app
+from workers.cli_operators import operators_app
 from workers.settings import Settings, SettingsError, get_settings
 
 if TYPE_CHECKING:
@@ -40,7 +43,12 @@ clock_app = typer.Typer(
     no_args_is_help=True, help="The test clock: a frozen 'now' for every process (development and test only)."
 )
 app.add_typer(clock_app, name="clock")
-
+app.add_typer(runs_app, name="runs")
+app.add_typer(charges_app, name="charges")
+app.add_typer(invoices_app, name="invoices")
+app.add_typer(audit_app, name="audit")
+app.add_typer(attention_app, name="attention")
+app.add_typer(operators_app, name="operators")
 
 
 @app.callback()
@@ -447,7 +455,7 @@ def dead_letters_requeue(
     actor: str = typer.Option(os.environ.get("USER", "operator"), help="Who is requeueing (audit log)."),
 ) -> None:
     """Put dead messages back on their queues with a fresh retry budget, and record who and why."""
-    from workers.dead_letters import dead_letters, requeue
+    from workers.dead_letters import dead_letters, requeue_audited
     from workers.queues import QUEUES
 
     if not reason.strip():
@@ -464,25 +472,51 @@ def dead_letters_requeue(
     if missing:
         fail(f"no dead letter with id {', '.join(sorted(missing))}")
 
-    from jobs import audit
     from workers.db import get_session_factory
 
-    requeued: list[str] = []
     with get_session_factory()() as session:
-        for letter in chosen:
-            if requeue(broker, client, letter):
-                requeued.append(letter.message_id)
-                audit.record(
-                    session,
-                    actor=actor,
-                    action="dead_letter.requeue",
-                    target_type="message",
-                    target_id=letter.message_id,
-                    reason=reason,
-                    details={"queue": letter.queue, "actor_name": letter.actor, "error": letter.error},
-                )
+        requeued = requeue_audited(session, broker, client, chosen, actor=actor, reason=reason)
         session.commit()
     console.print(f"requeued {len(requeued)} message(s)")
+
+
+@dead_app.command("delete")
+def dead_letters_delete(
+    reason: str = typer.Option(..., help="Why they must never run (kept in the audit log)."),
+    message_id: list[str] | None = typer.Option(None, "--id", help="Message ids to delete (repeatable)."),
+    all_messages: bool = typer.Option(False, "--all", help="Delete every dead letter of the queues selected."),
+    queue: list[str] | None = typer.Option(None, "--queue", "-Q", help="Only these queues."),
+    actor: str | None = typer.Option(None, help="Who is deleting (audit log; default the login name)."),
+) -> None:
+    """Drop dead messages for good (work made obsolete, e.g. by a manual fix), and record who and why.
+    Bad input (no reason, no --id nor --all, an unknown id) exits 2 with nothing deleted."""
+    from workers.cli_common import actor_name
+    from workers.dead_letters import dead_letters, delete_audited
+    from workers.queues import QUEUES
+
+    if not reason.strip():
+        fail("--reason must say why the messages are deleted", code=2)
+    if not message_id and not all_messages:
+        fail("name the messages with --id, or pass --all", code=2)
+    unknown_queues = sorted(set(queue or []) - set(QUEUES))
+    if unknown_queues:
+        fail(f"unknown queue {', '.join(unknown_queues)}; use {', '.join(QUEUES)}", code=2)
+    _, client = _broker_client()
+    chosen = [
+        letter
+        for letter in dead_letters(client, tuple(queue) if queue else QUEUES)
+        if all_messages or letter.message_id in (message_id or [])
+    ]
+    missing = set(message_id or []) - {letter.message_id for letter in chosen}
+    if missing:
+        fail(f"no dead letter with id {', '.join(sorted(missing))}", code=2)
+
+    from workers.db import get_session_factory
+
+    with get_session_factory()() as session:
+        deleted = delete_audited(session, client, chosen, actor=actor_name(actor), reason=reason.strip())
+        session.commit()
+    console.print(f"deleted {len(deleted)} message(s)")
 
 
 # --- plan prices ---------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import lru_cache
 
 from sqlalchemy import Engine, create_engine
@@ -50,6 +51,12 @@ def get_engine() -> Engine:
 @lru_cache(maxsize=1)
 def get_session_factory() -> sessionmaker[Session]:
     return sessionmaker(get_engine(), expire_on_commit=False)
+
+
+def get_session() -> Iterator[Session]:
+    """One session per HTTP request (a FastAPI dependency of the API and the console)."""
+    with get_session_factory()() as session:
+        yield session
 
 
 def reset() -> None:

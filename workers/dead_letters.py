@@ -13,6 +13,7 @@ from typing import Any
 
 import dramatiq
 import redis
+from sqlalchemy.orm import Session
 
 from workers.queues import NAMESPACE, QUEUES
 
@@ -115,3 +116,68 @@ def requeue(broker: dramatiq.Broker, client: redis.Redis, letter: DeadLetter) ->
         pipe.hdel(_errors_key(letter.queue), letter.storage_id)
         pipe.execute()
     return True
+
+
+def delete(client: redis.Redis, letter: DeadLetter) -> bool:
+    """Drop a dead message for good (work that must not run again, e.g. made obsolete by a manual
+    fix); False if it is already gone. Its body, its place in the dead-letter set and its recorded
+    error go together."""
+    dead_set, bodies = _keys(letter.queue)
+    with client.pipeline() as pipe:
+        pipe.zrem(dead_set, letter.storage_id)
+        pipe.hdel(bodies, letter.storage_id)
+        pipe.hdel(_errors_key(letter.queue), letter.storage_id)
+        removed, _, _ = pipe.execute()
+    return bool(removed)
+
+
+def requeue_audited(
+    session: Session,
+    broker: dramatiq.Broker,
+    client: redis.Redis,
+    letters: list[DeadLetter],
+    *,
+    actor: str,
+    reason: str,
+) -> list[str]:
+    """Requeue each letter and record who and why (`audit_events`, committed by the caller): the one
+    way the CLI and the console do it. Returns the ids of the messages requeued."""
+    from jobs import audit
+
+    requeued = []
+    for letter in letters:
+        if requeue(broker, client, letter):
+            requeued.append(letter.message_id)
+            audit.record(
+                session,
+                actor=actor,
+                action="dead_letter.requeue",
+                target_type="message",
+                target_id=letter.message_id,
+                reason=reason,
+                details={"queue": letter.queue, "actor_name": letter.actor, "error": letter.error},
+            )
+    return requeued
+
+
+def delete_audited(
+    session: Session, client: redis.Redis, letters: list[DeadLetter], *, actor: str, reason: str
+) -> list[str]:
+    """Delete each letter and record who and why (`audit_events`, committed by the caller), like
+    `requeue_audited`. Returns the ids of the messages deleted."""
+    from jobs import audit
+
+    deleted = []
+    for letter in letters:
+        if delete(client, letter):
+            deleted.append(letter.message_id)
+            audit.record(
+                session,
+                actor=actor,
+                action="dead_letter.delete",
+                target_type="message",
+                target_id=letter.message_id,
+                reason=reason,
+                details={"queue": letter.queue, "actor_name": letter.actor, "error": letter.error},
+            )
+    return deleted

@@ -12,6 +12,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Environment = Literal["development", "test", "production"]
+DEVELOPMENT_CONSOLE_SECRET = "development-only-console-secret"  # refused in production
 
 
 class SettingsError(RuntimeError):
@@ -45,6 +46,8 @@ class Settings(BaseSettings):
     gateway_read_timeout: float = Field(10.0, gt=0, alias="GATEWAY_READ_TIMEOUT")
 
     api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field((), alias="RENOVA_API_KEYS")
+    # Signs the console's session cookies; the default is for development and is refused in production.
+    console_secret_key: SecretStr = Field(SecretStr(DEVELOPMENT_CONSOLE_SECRET), alias="CONSOLE_SECRET_KEY")
     web_host: str = Field("127.0.0.1", alias="WEB_HOST")
     web_port: int = Field(8000, ge=1, le=65535, alias="WEB_PORT")
     worker_processes: int = Field(2, ge=1, le=64, alias="WORKER_PROCESSES")
@@ -52,6 +55,12 @@ class Settings(BaseSettings):
     # How long an idle worker waits before asking Redis again (Dramatiq's default: 1 s): the most a
     # message can wait on an idle queue before a worker takes it.
     worker_idle_poll_ms: int = Field(1000, ge=10, le=60_000, alias="WORKER_IDLE_POLL_MS")
+    # Bearer token of `GET /metrics`. Unset: served openly in development and test, refused (404) in
+    # production, where volumes and failures are not for everyone to read.
+    metrics_token: SecretStr | None = Field(None, alias="METRICS_TOKEN")
+    # Where each `renova worker` serves Dramatiq's own message metrics; off by default, so that
+    # several workers on one host (and the tests) never fight for a port.
+    worker_metrics_port: int | None = Field(None, ge=1, le=65535, alias="WORKER_METRICS_PORT")
 
     @field_validator("billing_timezone")
     @classmethod
@@ -83,7 +92,7 @@ class Settings(BaseSettings):
             value = [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("database_url", "redis_url", "smtp_url", mode="before")
+    @field_validator("database_url", "redis_url", "smtp_url", "metrics_token", "worker_metrics_port", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if value == "" else value

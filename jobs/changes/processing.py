@@ -24,6 +24,7 @@ from jobs.contract import canonical_payload, describe_field_errors, field_errors
 from jobs.gateway_work import settle
 from jobs.payments import PreparedCharge
 from jobs.retries import LATENCY_SENSITIVE
+from jobs.work_attempts import CHANGE_REQUEST, failures_recorded
 from models import policy
 from models.calendar import local_today
 from models.policy import RuleViolation
@@ -205,7 +206,9 @@ def submit_request(
     session.commit()
     request = recorded.request
     if request.status == ChangeRequestStatus.PENDING:
-        process_request(session, gateway, request.id, on=change_date(request, config), now=now, config=config)
+        # The request is recorded: a failure is counted on it (the tick retries it with backoff).
+        with failures_recorded(session, CHANGE_REQUEST, request.id, now):
+            process_request(session, gateway, request.id, on=change_date(request, config), now=now, config=config)
     return request
 
 
@@ -228,11 +231,14 @@ def process_change_request(change_request_id: int) -> None:
     if request is None:
         logger.warning("change request %s does not exist (its transaction rolled back?)", change_request_id)
         return
-    process_request(
-        session,
-        context.gateway_factory(),
-        change_request_id,
-        on=change_date(request, context.config),
-        now=clock.now(session, context.config),
-        config=context.config,
-    )
+    now = clock.now(session, context.config)
+    # A failure is recorded on the request (the tick backs off, then leaves it to an operator) and raised.
+    with failures_recorded(session, CHANGE_REQUEST, change_request_id, now):
+        process_request(
+            session,
+            context.gateway_factory(),
+            change_request_id,
+            on=change_date(request, context.config),
+            now=now,
+            config=context.config,
+        )

@@ -24,6 +24,7 @@ from jobs.contract import (
     payload_hash,
     redact,
 )
+from jobs.work_attempts import due_for_retry
 from models import policy
 from models.calendar import local_today
 from models.policy import RuleViolation
@@ -123,8 +124,12 @@ def record_change_request(session: Session, payload: Any, *, source: str, now: d
     return Recorded(request, created=True)
 
 
-def pending_change_request_ids(session: Session, older_than: datetime, limit: int = 500) -> list[int]:
-    """Pending requests created before `older_than` that no charge is deciding (for the tick to re-enqueue).
+def pending_change_request_ids(
+    session: Session, older_than: datetime, limit: int = 500, *, now: datetime | None = None
+) -> list[int]:
+    """Pending requests created before `older_than` that no charge is deciding and that are due for
+    another attempt at `now` (default `older_than`; never one that needs attention), for the tick to
+    re-enqueue.
 
     A request whose card charge is in flight is the janitor's: its invoice exists, and the charge's
     consequence completes the request once the attempt is resolved.
@@ -134,7 +139,7 @@ def pending_change_request_ids(session: Session, older_than: datetime, limit: in
         session.scalars(
             select(ChangeRequest.id)
             .where(ChangeRequest.status == ChangeRequestStatus.PENDING, ChangeRequest.created_at < older_than)
-            .where(~in_flight)
+            .where(~in_flight, due_for_retry(ChangeRequest, now or older_than))
             .order_by(ChangeRequest.created_at)
             .limit(limit)
         )

@@ -501,3 +501,23 @@ def test_plain_card_renewals_are_handled_as_a_set_and_the_rest_one_by_one(sessio
     ).one()
     assert (credit.kind, credit.amount_cents) == ("credit_applied", -1_000)
     assert renew_many(session, ids, work) == ids  # a duplicate finds nothing left to renew as a set
+
+
+def test_chunks_add_their_counts_per_task_and_keep_the_latest_failed_ids(session):
+    from jobs.billing_day import FAILED_IDS_KEPT, claim_run, record_chunk
+    from jobs.run_review import run_detail
+
+    on = date(2027, 3, 15)
+    claim_run(session, on)
+    session.commit()
+    record_chunk(session, on, "renew", done=3, failed_ids=[])
+    record_chunk(session, on, "renew", done=2, failed_ids=[41, 42])
+    record_chunk(session, on, "retry_charges", done=0, failed_ids=list(range(1, FAILED_IDS_KEPT + 11)))
+    session.commit()
+
+    detail = run_detail(session, on)
+    tasks = {task.task: task for task in detail.tasks if task.done is not None}
+    assert (detail.run.done_count, detail.run.failed_count) == (5, 2 + FAILED_IDS_KEPT + 10)
+    assert (tasks["renew"].done, tasks["renew"].failed, tasks["renew"].failed_ids) == (5, 2, (41, 42))
+    kept = tasks["retry_charges"].failed_ids
+    assert len(kept) == FAILED_IDS_KEPT and kept[0] == 11 and kept[-1] == FAILED_IDS_KEPT + 10

@@ -1,0 +1,254 @@
+"""The ops console over HTTP (a real server; the browser tests are in test_console_browser.py): logging
+in, the session cookie, CSRF, roles, and the lookup pages."""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import UTC, date, datetime
+
+import dramatiq
+import httpx
+import pytest
+from sqlalchemy import select
+
+from models.schema import AuditEvent
+from tests.integration.console_fixtures import PASSWORD, Console, add_operator
+from tests.integration.factories import CNPJ, make_organization, make_subscription, seed_plans
+
+pytestmark = pytest.mark.usefixtures("console_server")
+CNPJ_FORMATTED = f"{CNPJ[:2]}.{CNPJ[2:5]}.{CNPJ[5:8]}/{CNPJ[8:12]}-{CNPJ[12:]}"
+
+
+def dead_letter(broker: dramatiq.Broker, notification_id: int = 4242) -> dramatiq.Message:
+    """A `send_notification` message parked in the dead letters, as the Redis broker stores one."""
+    from jobs.notifications import send_notification
+
+    message = send_notification.message(notification_id)
+    broker.client.zadd("dramatiq:notifications.XQ", {message.message_id: int(time.time() * 1000)})
+    broker.client.hset("dramatiq:notifications.XQ.msgs", message.message_id, message.encode())
+    return message
+
+
+def logged_in(console: Console, email: str, role: str = "operator") -> httpx.Client:
+    add_operator(email, role)
+    client = httpx.Client(base_url=console.url, timeout=10)
+    answer = client.post("/console/login", data={"email": email, "password": PASSWORD, "next": "/console/"})
+    assert answer.status_code == 303, answer.text
+    return client
+
+
+def csrf_of(client: httpx.Client, path: str) -> str:
+    found = re.search(r'name="csrf_token" value="([^"]+)"', client.get(path).text)
+    assert found is not None
+    return found.group(1)
+
+
+def test_pages_need_a_login_and_come_back_after_it(console_server: Console):
+    add_operator("ops@renova.example", "operator")
+    with httpx.Client(base_url=console_server.url) as client:
+        first = client.get("/console/subscriptions?q=acme")
+        assert first.status_code == 303
+        assert first.headers["location"] == "/console/login?next=%2Fconsole%2Fsubscriptions%3Fq%3Dacme"
+
+        wrong = client.post("/console/login", data={"email": "ops@renova.example", "password": "nope-nope-nope"})
+        assert wrong.status_code == 401 and "E-mail ou senha incorretos" in wrong.text
+        unknown = client.post("/console/login", data={"email": "ninguem@renova.example", "password": PASSWORD})
+        assert unknown.status_code == 401 and "E-mail ou senha incorretos" in unknown.text
+
+        answer = client.post(
+            "/console/login",
+            data={"email": " OPS@renova.example ", "password": PASSWORD, "next": "/console/subscriptions?q=acme"},
+        )
+        assert answer.status_code == 303 and answer.headers["location"] == "/console/subscriptions?q=acme"
+        cookie = answer.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=lax" in cookie and "path=/console" in cookie
+        assert "secure" not in cookie  # development and test serve plain HTTP
+        assert client.get("/console/subscriptions?q=acme").status_code == 200
+
+
+def test_login_never_redirects_outside_the_console(console_server: Console):
+    add_operator("ops@renova.example", "operator")
+    with httpx.Client(base_url=console_server.url) as client:
+        for target in ("https://evil.example/", "//evil.example/x", "/v1/plans"):
+            answer = client.post(
+                "/console/login", data={"email": "ops@renova.example", "password": PASSWORD, "next": target}
+            )
+            assert answer.headers["location"] == "/console/"
+
+
+def test_a_forged_or_stale_cookie_is_a_new_login(console_server: Console):
+    with httpx.Client(base_url=console_server.url, cookies={"renova_console": "forged.value.here"}) as client:
+        assert client.get("/console/").status_code == 303
+
+
+def test_a_disabled_operator_is_logged_out(console_server: Console, session):
+    from jobs.operators import disable_operator
+
+    client = logged_in(console_server, "ops@renova.example")
+    assert client.get("/console/").status_code == 200
+    disable_operator(session, "ops@renova.example", actor="test", reason="left the company")
+    session.commit()
+    assert client.get("/console/").status_code == 303
+
+
+def test_actions_need_the_forms_csrf_token_and_the_operator_role(console_server: Console, broker, session):
+    message = dead_letter(broker)
+    operator = logged_in(console_server, "ops@renova.example")
+    viewer = logged_in(console_server, "leitura@renova.example", "viewer")
+    body = {"message_id": message.message_id, "queue": "notifications", "reason": "SMTP de volta"}
+
+    forged = operator.post("/console/dead-letters/requeue", data=body)
+    assert forged.status_code == 403 and "token CSRF" in forged.text
+    refused = viewer.post(
+        "/console/dead-letters/requeue", data={**body, "csrf_token": csrf_of(viewer, "/console/dead-letters")}
+    )
+    assert refused.status_code == 403 and "leitura" in refused.text
+    assert broker.client.zcard("dramatiq:notifications.XQ") == 1
+
+    no_reason = operator.post(
+        "/console/dead-letters/requeue",
+        data={**body, "reason": "  ", "csrf_token": csrf_of(operator, "/console/dead-letters")},
+    )
+    assert no_reason.status_code == 303 and "erro=" in no_reason.headers["location"]
+    assert broker.client.zcard("dramatiq:notifications.XQ") == 1
+
+    done = operator.post(
+        "/console/dead-letters/requeue", data={**body, "csrf_token": csrf_of(operator, "/console/dead-letters")}
+    )
+    assert done.status_code == 303
+    assert "reenfileirada" in operator.get(done.headers["location"]).text
+    assert broker.client.zcard("dramatiq:notifications.XQ") == 0
+    assert broker.client.llen("dramatiq:notifications") == 1
+    event = session.scalars(select(AuditEvent).where(AuditEvent.action == "dead_letter.requeue")).one()
+    assert (event.actor, event.reason, event.target_id) == ("ops@renova.example", "SMTP de volta", message.message_id)
+
+
+def test_subscriptions_are_found_by_name_document_and_ids(console_server: Console, session):
+    seed_plans(session)
+    organization = make_organization(session, 7, name="Acme Soluções")
+    subscription = make_subscription(session, organization, anchor=date(2027, 1, 10), cycle="monthly", method="card")
+    session.commit()
+    client = logged_in(console_server, "ops@renova.example", "viewer")
+
+    for term in ("acme", CNPJ_FORMATTED, "7", f"#{subscription.id}"):
+        found = client.get("/console/subscriptions", params={"q": term})
+        assert f'href="/console/subscriptions/{subscription.id}"' in found.text, term
+    assert "Nada encontrado" in client.get("/console/subscriptions", params={"q": "zzz_%"}).text
+
+    detail = client.get(f"/console/subscriptions/{subscription.id}")
+    assert detail.status_code == 200
+    assert "Acme Soluções" in detail.text and "mensal" in detail.text
+    assert client.get("/console/subscriptions/999999").status_code == 404
+
+
+def test_a_change_request_shows_its_parameters_with_the_card_token_masked(console_server: Console, session):
+    from jobs.changes import record_change_request
+
+    seed_plans(session)
+    make_organization(session, 7, name="Acme")
+    session.commit()
+    body = {
+        "organization_id": 7,
+        "requested_by": 70,
+        "idempotency_key": "k-1",
+        "kind": "card",
+        "token": "tok_visa_4242_secret",
+        "brand": "visa",
+        "last4": "4242",
+        "exp_month": 12,
+        "exp_year": 2030,
+    }
+    request = record_change_request(session, body, source="api", now=datetime.now(UTC)).request
+    session.commit()
+    client = logged_in(console_server, "ops@renova.example", "viewer")
+
+    listed = client.get("/console/change-requests", params={"organization": "7", "kind": "card"})
+    assert f'href="/console/change-requests/{request.id}"' in listed.text
+    assert (
+        f'href="/console/change-requests/{request.id}"'
+        not in client.get("/console/change-requests", params={"organization": "8"}).text
+    )
+    detail = client.get(f"/console/change-requests/{request.id}")
+    assert "tok_visa_4242_secret" not in detail.text and "…cret" in detail.text
+
+
+def test_on_call_closes_a_payout_with_its_reference(console_server: Console, session):
+    from models.schema import Refund
+
+    seed_plans(session)
+    organization = make_organization(session, 7, name="Acme")
+    subscription = make_subscription(session, organization, anchor=date(2027, 1, 10), cycle="monthly", method="card")
+    refund = Refund(subscription_id=subscription.id, organization_id=7, method="payout", amount_cents=1234)
+    session.add(refund)
+    session.commit()
+    client = logged_in(console_server, "ops@renova.example")
+    listed = client.get("/console/refunds")
+    assert "R$\xa012,34" in listed.text or "R$ 12,34" in listed.text
+
+    token = csrf_of(client, "/console/refunds")
+    missing = client.post(f"/console/refunds/{refund.id}/paid", data={"csrf_token": token, "reason": "pago"})
+    assert "erro=" in missing.headers["location"]
+    done = client.post(
+        f"/console/refunds/{refund.id}/paid",
+        data={"csrf_token": token, "reference": "TED 123", "reason": "transferido"},
+    )
+    assert "marcado+como+pago" in done.headers["location"]
+    session.expire_all()
+    assert (session.get(Refund, refund.id).status, session.get(Refund, refund.id).reference) == ("paid", "TED 123")
+    again = client.post(
+        f"/console/refunds/{refund.id}/paid",
+        data={"csrf_token": token, "reference": "TED 123", "reason": "transferido"},
+    )
+    assert "erro=" in again.headers["location"]  # already paid: refused, nothing changed
+
+
+def test_parked_work_is_listed_and_retried_by_an_operator(console_server: Console, session, broker):
+    from models.schema import ChangeRequest
+
+    make_organization(session, 7, name="Acme")
+    parked = ChangeRequest(
+        organization_id=7,
+        idempotency_key="k-parked",
+        kind="cancel",
+        payload={},
+        payload_hash="h",
+        attempts=5,
+        last_error="RuntimeError: boom",
+        needs_attention_at=datetime.now(UTC),
+    )
+    session.add(parked)
+    session.commit()
+    client = logged_in(console_server, "ops@renova.example")
+    assert "RuntimeError: boom" in client.get("/console/attention").text
+
+    token = csrf_of(client, "/console/attention")
+    done = client.post(
+        f"/console/attention/change_request/{parked.id}/retry", data={"csrf_token": token, "reason": "bug corrigido"}
+    )
+    assert "volta+a+ser+tentado" in done.headers["location"]
+    session.expire_all()
+    assert session.get(ChangeRequest, parked.id).needs_attention_at is None
+    assert broker.client.llen("dramatiq:changes") == 1
+    event = session.scalars(select(AuditEvent).where(AuditEvent.action == "attention.retry")).one()
+    assert (event.actor, event.reason) == ("ops@renova.example", "bug corrigido")
+    unknown = client.post("/console/attention/nonsense/1/retry", data={"csrf_token": token, "reason": "x"})
+    assert "erro=" in unknown.headers["location"]
+
+
+def test_a_refused_charge_action_says_why_and_changes_nothing(console_server: Console, session, billing_gateway):
+    from tests.integration.test_charge_review import declined_renewal
+
+    _, declined = declined_renewal(session, billing_gateway, token="tok_expired")  # a hard decline
+    client = logged_in(console_server, "ops@renova.example")
+    listed = client.get("/console/charges", params={"status": "failed", "code": "expired_card"})
+    assert f'href="/console/charges/{declined.id}"' in listed.text
+
+    token = csrf_of(client, f"/console/charges/{declined.id}")
+    refused = client.post(f"/console/charges/{declined.id}/retry", data={"csrf_token": token, "reason": "tentar"})
+    shown = client.get(refused.headers["location"]).text
+    assert "flash error" in shown
+    no_reason = client.post(f"/console/charges/{declined.id}/reconcile", data={"csrf_token": token, "reason": ""})
+    assert "erro=" in no_reason.headers["location"]
+    assert session.scalars(select(AuditEvent).where(AuditEvent.action.startswith("charge."))).all() == []
+    assert "charge" not in client.get("/console/audit", params={"action": "charge"}).text.split("<table>")[1]

@@ -1,0 +1,33 @@
+"""The ops console at `/console` on `renova web`: server-rendered pages (FastAPI + Jinja2, plain
+forms, no JavaScript framework) for operations and on-call. Every action is also a CLI command and
+both call the same functions in `jobs/`."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from fastapi import FastAPI, Request
+from fastapi.responses import RedirectResponse, Response
+
+from workers.console.auth import Forbidden, LoginRequired
+from workers.console.views import page
+from workers.settings import DEVELOPMENT_CONSOLE_SECRET, Settings, SettingsError
+
+
+def mount_console(app: FastAPI, settings: Settings) -> None:
+    if settings.renova_env == "production" and (
+        settings.console_secret_key.get_secret_value() in ("", DEVELOPMENT_CONSOLE_SECRET)
+    ):
+        raise SettingsError("CONSOLE_SECRET_KEY is required in production (it signs the console's sessions)")
+    from workers.console.pages import router
+
+    @app.exception_handler(LoginRequired)
+    async def _login_first(request: Request, _: LoginRequired) -> Response:
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse(f"/console/login?next={quote(target, safe='')}", status_code=303)
+
+    @app.exception_handler(Forbidden)
+    async def _forbidden(request: Request, exc: Forbidden) -> Response:
+        return page(request, "error.html", {"title": "Ação não permitida", "message": exc.message}, status_code=403)
+
+    app.include_router(router)
