@@ -190,23 +190,22 @@ def charges_list(
     if not rows:
         console.print("no charges to review")
         return
-    table = Table(title=f"Charges ({len(rows)})")
-    for column in ("id", "made", "organization", "sub.", "invoice", "try", "amount", "status", "code", "next retry"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("gateway message", overflow="fold")
+    table = Table(title=f"Charges ({len(rows)}) — `renova charges show ID` for the gateway's answers")
+    # Short facts never wrap; the long ones fold, so the table still reads in an 80-column terminal.
+    for column in ("id", "made", "organization", "invoice", "try", "amount", "status", "code", "retry on"):
+        short = column in ("id", "try", "amount", "status")
+        table.add_column(column, no_wrap=short, overflow="ellipsis" if short else "fold")
     for row in rows:
         table.add_row(
             str(row.id),
             _when(row.created_at),
             f"{row.organization_name} (#{row.organization_id})",
-            str(row.subscription_id),
-            f"{row.invoice_id} {row.invoice_kind}, {row.invoice_status}",
+            f"{row.invoice_id} ({row.invoice_status})",
             str(row.attempt),
             _money(row.amount_cents),
             row.status,
             (row.gateway_code or "") + (" (hard)" if row.hard_decline else ""),
             _day(row.next_retry_on),
-            (row.gateway_message or "")[:100],
         )
     console.print(table)
 

@@ -12,7 +12,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy.orm import Session
 
 from workers.console.auth import COOKIE, ActingUserDep, ConsoleUser, FormUserDep, UserDep, session_cookie
-from workers.console.views import page
+from workers.console.views import datahora, page
 from workers.db import get_session
 from workers.settings import Settings, get_settings
 
@@ -37,7 +37,7 @@ def context(request: Request, session: Session, user: ConsoleUser | None, **valu
     if user is not None and runtime().config.allow_future_dates:
         state = clock_state(session)
         if state is not None:
-            clock_note = f"Relógio de teste: agora é {state.now.isoformat()} para todos os processos."
+            clock_note = f"Relógio de teste: para todos os processos, agora é {datahora(state.now)}."
     return {
         "user": user,
         "clock_note": clock_note,
