@@ -1,238 +1,88 @@
-"""`make bench`: renewal throughput of the daily run, as a ratio against a bare Dramatiq message
-measured in the same process (machines are shared and noisy: only ratios are comparable).
+"""`make bench` / `make bench-quick`: the daily run's throughput, latency and memory against stated
+targets, on a stack of the benchmark's own (embedded PostgreSQL, Redis and mail sink under
+`.renova/bench`; the sandbox gateway, the Dramatiq workers and `renova web` as real processes).
 
-    python -m bench [--subscriptions 2000]
+    python -m bench [--quick] [--processes 2 --threads 8] [--only floor,day,...]
 
-Runs on its own embedded PostgreSQL database and Redis database under `.renova/bench`, with the
-sandbox gateway as a real process (no added latency)."""
+Prints one table (scenario, measured, unit, ratio, target, met / NOT MET) and appends it to
+bench/RESULTS.md with the date, the commit and the core count. What each line means: the README's
+"Benchmark" section."""
 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
-import time
-from datetime import UTC, date, datetime
-from datetime import time as clock_time
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = ROOT / ".renova" / "bench"
-RUN_DATE = date(2027, 5, 10)
+from bench.report import Result, append_results, cores, git_commit, markdown_table, print_table
+from bench.stack import ROOT, BenchStack
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+SCENARIOS = ("floor", "sandbox", "day", "slow", "changes", "scan")
 
 
-def configure_environment() -> None:
-    from workers.embedded import EmbeddedStack, free_port
-
-    stack = EmbeddedStack(DATA_DIR)
-    os.environ.update(
-        DATABASE_URL=stack.postgres_url("renova_bench"),
-        REDIS_URL=stack.redis_url(db=1),
-        RENOVA_ENV="test",
-        RENOVA_DATA_DIR=str(DATA_DIR),
-        GATEWAY_URL=f"http://127.0.0.1:{free_port()}",
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-
-
-def start_gateway() -> subprocess.Popen[bytes]:
-    import httpx
-
-    url = os.environ["GATEWAY_URL"]
-    port = url.rsplit(":", 1)[1]
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "workers.cli",
-            "gateway",
-            "--port",
-            port,
-            "--data-dir",
-            str(DATA_DIR / "gateway"),
-            "--webhook-url",
-            "",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    parser.add_argument("--quick", action="store_true", help="a tenth of the sizes (a few minutes)")
+    parser.add_argument("--processes", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--threads", type=int, default=8, help="threads per worker process (default 8)")
+    parser.add_argument(
+        "--only", default=",".join(SCENARIOS), help=f"comma-separated scenarios among {', '.join(SCENARIOS)}"
     )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+    args = parser.parse_args(argv)
+    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    if unknown := set(only) - set(SCENARIOS):
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+
+    stack = BenchStack(args.processes, args.threads).start()
+    # Only now: the broker is built from the environment the stack just set.
+    from bench.scenarios import FULL, QUICK, SLOW_LATENCY_MS, Bench
+
+    sizes = QUICK if args.quick else FULL
+    bench = Bench(stack, sizes, say=lambda line: print(line, flush=True))
+    results: list[Result] = []
+    started = datetime.now()
+
+    def run(name: str, measure: Callable[[], Result | list[Result]]) -> None:
+        """A scenario that fails (a process that exits, an error) is a NOT MET line, not the end of the run."""
+        if name not in only:
+            return
         try:
-            if httpx.get(f"{url}/healthz").status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    process.kill()
-    raise SystemExit("the sandbox gateway did not start")
+            measured = measure()
+        except Exception as exc:
+            bench.say(f"  {name} failed: {exc!r}")
+            measured = Result(f"{name}: failed", None, "", note=f"{exc.__class__.__name__}: {exc}"[:300])
+            measured.violations.append("the scenario did not finish")
+        results.extend(measured if isinstance(measured, list) else [measured])
 
-
-def reset_database() -> None:
-    from sqlalchemy import text
-
-    from workers.db import get_engine, resolved_urls
-    from workers.migrate import upgrade
-
-    with get_engine().begin() as connection:
-        connection.execute(text("DROP SCHEMA public CASCADE"))
-        connection.execute(text("CREATE SCHEMA public"))
-    upgrade(resolved_urls()[0])
-
-
-def seed(count: int, *, with_charge: bool) -> None:
-    from sqlalchemy import text
-
-    from workers.db import get_engine
-
-    balance = 0 if with_charge else 10_000
-    with get_engine().begin() as connection:
-        connection.execute(
-            text(
-                "TRUNCATE organizations, subscriptions, invoices, charges, cards, plans, notifications, "
-                "ledger_entries, billing_runs RESTART IDENTITY CASCADE"
-            )
-        )
-        connection.execute(text(f"ALTER SEQUENCE invoices_id_seq RESTART WITH {time.time_ns() // 1000}"))
-        connection.execute(
-            text(
-                "INSERT INTO plans (product, cycle, price_cents) VALUES ('conecta', 'monthly', 4990), "
-                "('conecta', 'annual', 47900)"
-            )
-        )
-        connection.execute(
-            text("INSERT INTO organizations (id, name) SELECT g, 'org ' || g FROM generate_series(1, :n) g"),
-            {"n": count},
-        )
-        connection.execute(
-            text(
-                "INSERT INTO cards (organization_id, token, brand, last4, exp_month, exp_year) "
-                "SELECT g, 'tok_ok', 'visa', '4242', 12, 2035 FROM generate_series(1, :n) g"
-            ),
-            {"n": count},
-        )
-        connection.execute(
-            text(
-                "INSERT INTO subscriptions (organization_id, cycle, payment_method, billing_anchor, current_period_start, "
-                "current_period_end, balance_cents) SELECT g, 'monthly', 'card', :start, :start, :end, :balance "
-                "FROM generate_series(1, :n) g"
-            ),
-            {"n": count, "start": date(2027, 4, 10), "end": RUN_DATE, "balance": balance},
-        )
-
-
-def wait_for(predicate, timeout: float = 600.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise SystemExit("timed out")
-        time.sleep(0.02)
-
-
-def measure_noop(broker, count: int) -> float:
-    import dramatiq
-
-    done: list[int] = []
-
-    @dramatiq.actor(queue_name="bench")
-    def noop(n: int) -> None:
-        done.append(n)
-
-    worker = dramatiq.Worker(broker, worker_threads=8)
-    worker.start()
     try:
-        started = time.perf_counter()
-        for n in range(count):
-            noop.send(n)
-        wait_for(lambda: len(done) >= count)
-        return count / (time.perf_counter() - started)
+        run("floor", bench.floor)
+        run("sandbox", bench.sandbox_floor)
+        run("day", lambda: [line for line in bench.renewal_day(latency_ms=0) if line is not None])
+        run("slow", lambda: bench.renewal_day(latency_ms=SLOW_LATENCY_MS)[0])
+        run("changes", bench.change_requests)
+        run("scan", bench.scan_scaling)
     finally:
-        worker.stop()
+        stack.stop()
+    results.sort(key=lambda result: result.scenario)
 
-
-def measure_run(broker, count: int, *, with_charge: bool) -> float:
-    import dramatiq
-    from sqlalchemy import func, select
-
-    from jobs.billing_day import scan_run
-    from jobs.context import runtime
-    from models.schema import Invoice
-    from workers.db import get_session_factory
-
-    seed(count, with_charge=with_charge)
-    now = datetime.combine(RUN_DATE, clock_time(12), UTC)
-    worker = dramatiq.Worker(broker, worker_threads=8)
-    worker.start()
-    try:
-        started = time.perf_counter()
-        with get_session_factory()() as session:
-            scan_run(session, RUN_DATE, now, runtime().config)
-
-        def all_paid() -> bool:
-            with get_session_factory()() as session:
-                return session.scalar(select(func.count()).where(Invoice.status == "paid")) >= count
-
-        wait_for(all_paid)
-        return count / (time.perf_counter() - started)
-    finally:
-        worker.stop()
-
-
-def measure_renewal_statements(count: int) -> float:
-    """Phase 1 alone, as DESIGN measures it: the chunks' renewal statements, no gateway call."""
-    from jobs.billing_day import CHUNK_SIZE, TASKS, due_ids
-    from jobs.context import runtime
-    from jobs.renewals import Work, renew_many
-    from workers.db import get_session_factory
-
-    seed(count, with_charge=True)
-    now = datetime.combine(RUN_DATE, clock_time(12), UTC)
-    with get_session_factory()() as session:
-        ids = due_ids(session, TASKS["renew"], RUN_DATE, runtime().config)
-        session.commit()
-        started = time.perf_counter()
-        for start in range(0, len(ids), CHUNK_SIZE):
-            work = Work(on=RUN_DATE, now=now, config=runtime().config, gateway=runtime().gateway_factory())
-            renew_many(session, ids[start : start + CHUNK_SIZE], work)
-            session.commit()
-        return len(ids) / (time.perf_counter() - started)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--subscriptions", type=int, default=2000)
-    args = parser.parse_args()
-
-    configure_environment()
-    gateway = start_gateway()
-    try:
-        from workers.broker import broker
-
-        broker.flush_all()
-        reset_database()
-        noop = measure_noop(broker, args.subscriptions)
-        statements = measure_renewal_statements(args.subscriptions)
-        credit_only = measure_run(broker, args.subscriptions, with_charge=False)
-        charged = measure_run(broker, args.subscriptions, with_charge=True)
-    finally:
-        gateway.terminate()
-        gateway.wait(timeout=10)
-
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"Daily run, {args.subscriptions} renewals due (ratios to a bare message in this process)")
-    for column in ("measure", "per second", "ratio to a bare message"):
-        table.add_column(column)
-    table.add_row("bare Dramatiq message (baseline)", f"{noop:,.0f}", "1.00")
-    table.add_row(
-        "card renewal statements, chunks of 200, one thread (no gateway call)",
-        f"{statements:,.0f}",
-        f"{statements / noop:.2f}",
+    mode = "quick" if args.quick else "full"
+    setup = (
+        f"{mode}: {sizes.subscriptions:,} subscriptions, {sizes.renewals:,} card renewals and {sizes.boletos:,} "
+        f"T−7 boletos due; workers {args.processes} processes × {args.threads} threads; "
+        f"took {(datetime.now() - started).total_seconds() / 60:.1f} min"
     )
-    table.add_row("renewal paid by credit (no gateway call)", f"{credit_only:,.0f}", f"{credit_only / noop:.2f}")
-    table.add_row("renewal charged through the sandbox gateway", f"{charged:,.0f}", f"{charged / noop:.2f}")
-    Console().print(table)
+    print_table(results, f"Renova benchmark — {setup}")
+    append_results(
+        RESULTS, markdown_table(results, when=started, commit=git_commit(ROOT), cores=cores(), mode=mode, setup=setup)
+    )
+    print(f"appended to {RESULTS.relative_to(ROOT)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,13 +11,21 @@ are not processed either. 402 is a decline; 409 "idempotency_error" an `Idempote
 other 4xx a `GatewayRejected`. Read-only lookups (`find_charge`) change nothing, so every failure
 there is `Unavailable`. Refunds go through the same mapping, except that no refund can be "declined":
 a 402 there is a `GatewayRejected` like any other refusal.
+
+Single calls use a blocking `httpx.Client`. Batches of charges (`charge_many`) go through an
+`httpx.AsyncClient` on one event loop per process (`_ChargeLoop`), so hundreds of slow PSP answers
+can be awaited at once without a thread each; both paths share the request building and the
+response-to-outcome mapping below, so a charge means the same whichever way it was sent.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import weakref
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import date
 from types import TracebackType
 from typing import Any, Protocol, Self, TypeVar
@@ -43,9 +51,20 @@ from gateways.base import (
 )
 
 T = TypeVar("T")
+Outcome = ChargeResult | GatewayError
 
 # Failures that happen before any byte of the request can have reached the gateway.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
+
+DEFAULT_MAX_IN_FLIGHT = 64
+# Drop idle connections before a server's usual 5 s keep-alive would: reusing one the server is
+# closing fails after sending, which we would have to treat as ambiguous.
+KEEPALIVE_EXPIRY = 4.0
+# A thread waiting for a batch wakes up this often: Dramatiq delivers its time limit and shutdown
+# notifications as asynchronous exceptions, which only land while the thread runs Python code.
+_WAKE_UP_SECONDS = 0.5
+# The most close() waits for the charge loop to wind down (its thread is a daemon either way).
+_CLOSE_TIMEOUT = 10.0
 
 
 class GatewaySettings(Protocol):
@@ -53,10 +72,16 @@ class GatewaySettings(Protocol):
     gateway_api_key: Any  # a pydantic SecretStr
     gateway_connect_timeout: float
     gateway_read_timeout: float
+    # and optionally gateway_max_in_flight: int (DEFAULT_MAX_IN_FLIGHT when absent)
 
 
 class HttpGateway:
-    """A `Gateway` over HTTP. Thread-safe: share one instance (and its connection pool) per process."""
+    """A `Gateway` over HTTP. Thread-safe: share one instance (and its connection pools) per process.
+
+    `max_in_flight` bounds the charges `charge_many` has at the gateway at once, over all the threads
+    that call it. `transport` (single calls) and `async_transport` (batches) replace the network in
+    tests; a transport that serves both kinds of client, like `httpx.MockTransport`, is used for both.
+    """
 
     def __init__(
         self,
@@ -66,35 +91,39 @@ class HttpGateway:
         read_timeout: float = 10.0,
         transport: httpx.BaseTransport | None = None,
         *,
-        max_concurrency: int = 8,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         headers: Mapping[str, str] | None = None,
+        async_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        if max_concurrency < 1:
-            raise ValueError("max_concurrency must be at least 1")
-        self._max_concurrency = max_concurrency
-        self._client = httpx.Client(
-            base_url=base_url.rstrip("/"),
-            headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json", **(headers or {})},
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self._max_in_flight = max_in_flight
+        self._options: dict[str, Any] = {
+            "base_url": base_url.rstrip("/"),
+            "headers": {"Authorization": f"Bearer {api_key}", "Accept": "application/json", **(headers or {})},
             # Writes get the read budget: a large body on a slow link is not a dead gateway.
-            timeout=httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout, pool=connect_timeout),
-            limits=httpx.Limits(
-                max_connections=max(max_concurrency, 10),
-                max_keepalive_connections=max_concurrency,
-                # Drop idle connections before a server's usual 5 s keep-alive would: reusing one the
-                # server is closing fails after sending, which we would have to treat as ambiguous.
-                keepalive_expiry=4.0,
+            "timeout": httpx.Timeout(
+                connect=connect_timeout, read=read_timeout, write=read_timeout, pool=connect_timeout
             ),
-            transport=transport,
-        )
-        self._executor: ThreadPoolExecutor | None = None
-        self._executor_lock = threading.Lock()
+        }
+        self._transport = transport
+        if async_transport is None and isinstance(transport, httpx.AsyncBaseTransport):
+            async_transport = transport
+        self._async_transport = async_transport
+        self._client = self._new_client()
+        self._lock = threading.Lock()
+        self._charge_loop: _ChargeLoop | None = None
+        self._closed = False
+        _LIVE.add(self)
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings, **kwargs: Any) -> HttpGateway:
-        """Build from any object with gateway_url, gateway_api_key (SecretStr or str) and timeouts."""
+        """Build from any object with gateway_url, gateway_api_key (SecretStr or str), timeouts and
+        gateway_max_in_flight (optional: the default when absent)."""
         api_key = settings.gateway_api_key
         if hasattr(api_key, "get_secret_value"):
             api_key = api_key.get_secret_value()
+        kwargs.setdefault("max_in_flight", getattr(settings, "gateway_max_in_flight", DEFAULT_MAX_IN_FLIGHT))
         return cls(
             settings.gateway_url,
             str(api_key),
@@ -103,13 +132,45 @@ class HttpGateway:
             **kwargs,
         )
 
+    @property
+    def max_in_flight(self) -> int:
+        return self._max_in_flight
+
     # --- lifecycle -------------------------------------------------------------------------------
 
+    def _new_client(self) -> httpx.Client:
+        # Single calls come from worker threads, one request each.
+        return httpx.Client(
+            **self._options,
+            limits=httpx.Limits(
+                max_connections=max(self._max_in_flight, 10),
+                max_keepalive_connections=10,
+                keepalive_expiry=KEEPALIVE_EXPIRY,
+            ),
+            transport=self._transport,
+        )
+
+    def _new_async_client(self) -> httpx.AsyncClient:
+        # Sized to the in-flight bound, which the semaphore enforces before a request asks the pool for
+        # a connection: a charge never waits for one (a pool timeout would needlessly fail it).
+        return httpx.AsyncClient(
+            **self._options,
+            limits=httpx.Limits(
+                max_connections=self._max_in_flight,
+                max_keepalive_connections=self._max_in_flight,
+                keepalive_expiry=KEEPALIVE_EXPIRY,
+            ),
+            transport=self._async_transport,
+        )
+
     def close(self) -> None:
-        with self._executor_lock:
-            executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=True)
+        """Stop the charge loop (a batch still running gets `Ambiguous` for what had not finished)
+        and close both connection pools. The gateway cannot be used afterwards."""
+        with self._lock:
+            self._closed = True
+            charge_loop, self._charge_loop = self._charge_loop, None
+        if charge_loop is not None:
+            charge_loop.close()
         self._client.close()
 
     def __enter__(self) -> Self:
@@ -120,15 +181,20 @@ class HttpGateway:
     ) -> None:
         self.close()
 
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's loop thread does not exist here, its lock may have been
+        held at the moment of the fork and its pooled sockets are shared with the parent. Start
+        afresh, leaving the parent's objects alone (closing them could disturb the parent)."""
+        self._lock = threading.Lock()
+        self._charge_loop = None
+        if not self._closed:
+            self._client = self._new_client()
+
     # --- the port --------------------------------------------------------------------------------
 
     def charge(self, card_token: str, amount_cents: int, idempotency_key: str, description: str) -> ChargeResult:
-        body = {"card_token": card_token, "amount_cents": amount_cents, "description": description}
-        response = self._send("POST", "/v1/charges", json=body, idempotency_key=idempotency_key)
-        result = self._parse(_charge_result, response)
-        if result.status == "failed":
-            raise Declined(result.code or "declined", result.message or "", result.hard, result.gateway_id)
-        return result
+        body = _charge_body(card_token, amount_cents, description)
+        return _charge_from(self._send("POST", "/v1/charges", json=body, idempotency_key=idempotency_key))
 
     def find_charge(self, idempotency_key: str) -> ChargeResult | None:
         response = self._send(
@@ -140,7 +206,7 @@ class HttpGateway:
         )
         if response.status_code == 404:
             return None
-        return self._parse(_charge_result, response, read_only=True)
+        return _parse(_charge_result, response, read_only=True)
 
     def issue_boleto(self, invoice: BoletoRequest, payer: Payer, due_date: date, idempotency_key: str) -> BoletoIssued:
         body = {
@@ -151,7 +217,7 @@ class HttpGateway:
             "due_date": due_date.isoformat(),
         }
         response = self._send("POST", "/v1/boletos", json=body, idempotency_key=idempotency_key)
-        return self._parse(_boleto_issued, response)
+        return _parse(_boleto_issued, response)
 
     def cancel_boleto(self, boleto_ref: str) -> None:
         # Cancelling is idempotent on the gateway, so no key is needed and retrying is always safe.
@@ -165,37 +231,71 @@ class HttpGateway:
             # The port promises callers of refund no Declined (that is a card issuer's answer to a
             # charge): a 402 here is the gateway refusing the refund, final like any other refusal.
             raise GatewayRejected(exc.code, exc.message, 402) from exc
-        return self._parse(_refund_result, response)
+        return _parse(_refund_result, response)
 
-    # --- concurrency -----------------------------------------------------------------------------
+    # --- many charges at once --------------------------------------------------------------------
 
-    def charge_many(self, requests: Sequence[ChargeRequest]) -> list[ChargeResult | GatewayError]:
-        """Charge concurrently (at most `max_concurrency` in flight, shared by all callers of this
-        instance); one outcome per request, in order: the result or the error instance."""
+    def charge_many(self, requests: Sequence[ChargeRequest]) -> list[Outcome]:
+        """Charge concurrently; one outcome per request, in order: the result or the error instance.
+
+        The requests are awaited on this process's charge loop, at most `max_in_flight` at the
+        gateway at once over all callers; the calling thread blocks until its batch is done. Nothing
+        that goes wrong with one request touches the others, and whatever goes wrong beyond the
+        known outcomes (a bug, the gateway being closed mid-batch) is `Ambiguous` for the requests it
+        left unfinished: they may have been sent, so they are reconciled, never blindly repeated.
+        """
         if not requests:
             return []
-        executor = self._pool()
-        futures = [executor.submit(self._charge_outcome, request) for request in requests]
-        return [future.result() for future in futures]
-
-    def _charge_outcome(self, request: ChargeRequest) -> ChargeResult | GatewayError:
+        outcomes: list[Outcome | None] = [None] * len(requests)
+        failure: BaseException | None = None
         try:
-            return self.charge(request.card_token, request.amount_cents, request.idempotency_key, request.description)
-        except GatewayError as exc:
-            return exc
+            charge_loop = self._running_loop()
+            charge_loop.run(self._charge_all(charge_loop, requests, outcomes))
         except Exception as exc:
-            # A bug must not hide whether this request reached the gateway: reconcile it like a timeout.
-            error = Ambiguous(f"unexpected error while charging: {exc!r}")
-            error.__cause__ = exc
-            return error
+            failure = exc
+        return [
+            outcome if outcome is not None else _unexpected(failure or RuntimeError("no outcome"))
+            for outcome in outcomes
+        ]
 
-    def _pool(self) -> ThreadPoolExecutor:
-        with self._executor_lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(self._max_concurrency, thread_name_prefix="gateway")
-            return self._executor
+    def _running_loop(self) -> _ChargeLoop:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the gateway is closed")
+            if self._charge_loop is None:
+                # Created on first use, so that it belongs to the process that uses it (Dramatiq
+                # forks its worker processes) and costs nothing where no batch is ever sent.
+                self._charge_loop = _ChargeLoop(self._new_async_client, self._max_in_flight)
+            return self._charge_loop
 
-    # --- transport and error mapping -------------------------------------------------------------
+    async def _charge_all(
+        self, charge_loop: _ChargeLoop, requests: Sequence[ChargeRequest], outcomes: list[Outcome | None]
+    ) -> None:
+        async def one(index: int, request: ChargeRequest) -> None:
+            outcome: Outcome
+            try:
+                async with charge_loop.in_flight:
+                    outcome = await self._charge_async(charge_loop.client, request)
+            except GatewayError as exc:
+                outcome = exc
+            except Exception as exc:
+                # A bug must not hide whether this request reached the gateway: reconcile it like a timeout.
+                outcome = _unexpected(exc)
+            outcomes[index] = outcome
+
+        await asyncio.gather(*(one(index, request) for index, request in enumerate(requests)))
+
+    async def _charge_async(self, client: httpx.AsyncClient, request: ChargeRequest) -> ChargeResult:
+        """`charge`, awaited: the same request and the same mapping of its answer."""
+        body = _charge_body(request.card_token, request.amount_cents, request.description)
+        method, path = "POST", "/v1/charges"
+        try:
+            response = await client.request(method, path, json=body, headers=_key_header(request.idempotency_key))
+        except httpx.TransportError as exc:
+            raise _transport_failure(exc, method, path, read_only=False) from exc
+        return _charge_from(_checked(response, method, path))
+
+    # --- transport -------------------------------------------------------------------------------
 
     def _send(
         self,
@@ -212,54 +312,169 @@ class HttpGateway:
 
         `read_only` requests change nothing at the gateway, so every failure is merely `Unavailable`.
         """
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else None
         try:
-            response = self._client.request(method, path, json=json, params=params, headers=headers)
-        except _NOT_SENT as exc:
-            raise Unavailable(f"gateway unreachable: {exc!r}") from exc
+            response = self._client.request(
+                method, path, json=json, params=params, headers=_key_header(idempotency_key)
+            )
         except httpx.TransportError as exc:
-            if read_only:
-                raise Unavailable(f"gateway lookup failed: {exc!r}") from exc
-            raise Ambiguous(f"no answer after sending {method} {path}: {exc!r}") from exc
+            raise _transport_failure(exc, method, path, read_only=read_only) from exc
+        return _checked(response, method, path, read_only=read_only, not_found_ok=not_found_ok)
 
-        if response.is_success:
-            return response
-        error = _error_body(response)
-        code = str(error.get("code") or f"http_{response.status_code}")
-        message = str(error.get("message") or response.reason_phrase)
-        status = response.status_code
 
-        # Only the gateway's own "no such record" counts as not found: a 404 from a proxy or a wrong
-        # URL must not make reconciliation believe a charge never happened.
-        if status == 404 and not_found_ok and code == "resource_missing":
-            return response
-        if status == 402:
-            hard = bool(error.get("hard", code in HARD_DECLINE_CODES))
-            charge = error.get("charge")
-            gateway_id = charge.get("id") if isinstance(charge, dict) else None
-            raise Declined(code, message, hard, gateway_id)
-        if status == 409 and code == "request_in_progress":
-            # The same key is being processed right now by another request: its outcome is unknown.
-            raise Ambiguous(f"{method} {path}: {message}")
-        if status == 409 and error.get("type") == "idempotency_error":
-            raise IdempotencyConflict(code, message, status)
-        if status in (401, 403):
-            raise AuthenticationFailed(f"gateway refused the credentials (HTTP {status}): {code}: {message}")
-        if status in (408, 429) or (status == 503 and error.get("processed") is False):
-            raise Unavailable(f"gateway refused {method} {path} without processing it: {code}: {message}")
-        if status >= 500 or status < 400:
-            if read_only:
-                raise Unavailable(f"gateway lookup failed: HTTP {status}")
-            raise Ambiguous(f"{method} {path} answered HTTP {status}: {message}")
-        raise GatewayRejected(code, message, status)
+class _ChargeLoop:
+    """One event loop in a daemon thread, with the `AsyncClient` and the in-flight semaphore that live
+    on it. Threads hand it coroutines and block on their results (`run`)."""
 
-    def _parse(self, parser: Callable[[Any], T], response: httpx.Response, *, read_only: bool = False) -> T:
+    def __init__(self, client_factory: Callable[[], httpx.AsyncClient], max_in_flight: int) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._serve, name="gateway-charges", daemon=True)
+        self._thread.start()
+        # Made on the loop's own thread: httpx's async pool and asyncio primitives belong to the loop
+        # that uses them.
+        self.client, self.in_flight = self.run(self._start(client_factory, max_in_flight))
+
+    @staticmethod
+    async def _start(
+        client_factory: Callable[[], httpx.AsyncClient], max_in_flight: int
+    ) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+        return client_factory(), asyncio.Semaphore(max_in_flight)
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
         try:
-            return parser(response.json())
-        except (ValueError, KeyError, TypeError) as exc:
-            # A success we cannot read may still be a charge that happened.
-            kind = Unavailable if read_only else Ambiguous
-            raise kind(f"unreadable gateway response (HTTP {response.status_code}): {exc!r}") from exc
+            self._loop.run_forever()
+        finally:
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.close()
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run `coroutine` on the loop and wait for it; an exception raised in this thread while
+        waiting (a Dramatiq time limit) cancels it."""
+        try:
+            future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        except RuntimeError:  # the loop is closed: nothing was sent
+            coroutine.close()
+            raise
+        try:
+            while not future.done():
+                concurrent.futures.wait((future,), timeout=_WAKE_UP_SECONDS)
+                if not future.done() and not self._thread.is_alive():
+                    # Handed over just as close() stopped the loop: it will never run.
+                    future.cancel()
+                    raise RuntimeError("the gateway's charge loop has stopped")
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    def close(self) -> None:
+        if not self._thread.is_alive():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(_CLOSE_TIMEOUT)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(_CLOSE_TIMEOUT)
+
+    async def _stop(self) -> None:
+        # Cancelled batches report `Ambiguous` for what had not finished (see charge_many).
+        current = asyncio.current_task()
+        pending = [task for task in asyncio.all_tasks() if task is not current]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await self.client.aclose()
+
+
+# Every gateway of this process, so that a forked child can drop what it inherited (see _after_fork).
+_LIVE: weakref.WeakSet[HttpGateway] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for gateway in list(_LIVE):
+        gateway._after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+# --- requests and the mapping of answers to outcomes, shared by the blocking and the async path ---
+
+
+def _key_header(idempotency_key: str | None) -> dict[str, str] | None:
+    return {"Idempotency-Key": idempotency_key} if idempotency_key is not None else None
+
+
+def _charge_body(card_token: str, amount_cents: int, description: str) -> dict[str, Any]:
+    return {"card_token": card_token, "amount_cents": amount_cents, "description": description}
+
+
+def _charge_from(response: httpx.Response) -> ChargeResult:
+    """A charge's 2xx answer: the result, or `Declined` when the charge failed."""
+    result = _parse(_charge_result, response)
+    if result.status == "failed":
+        raise Declined(result.code or "declined", result.message or "", result.hard, result.gateway_id)
+    return result
+
+
+def _unexpected(exc: BaseException) -> Ambiguous:
+    error = Ambiguous(f"unexpected error while charging: {exc!r}")
+    error.__cause__ = exc
+    return error
+
+
+def _transport_failure(exc: httpx.TransportError, method: str, path: str, *, read_only: bool) -> GatewayError:
+    """What a request that got no answer may have done."""
+    if isinstance(exc, _NOT_SENT):
+        return Unavailable(f"gateway unreachable: {exc!r}")
+    if read_only:
+        return Unavailable(f"gateway lookup failed: {exc!r}")
+    return Ambiguous(f"no answer after sending {method} {path}: {exc!r}")
+
+
+def _checked(
+    response: httpx.Response, method: str, path: str, *, read_only: bool = False, not_found_ok: bool = False
+) -> httpx.Response:
+    """A 2xx response (or an explicit not-found when allowed), else the error it means."""
+    if response.is_success:
+        return response
+    error = _error_body(response)
+    code = str(error.get("code") or f"http_{response.status_code}")
+    message = str(error.get("message") or response.reason_phrase)
+    status = response.status_code
+
+    # Only the gateway's own "no such record" counts as not found: a 404 from a proxy or a wrong
+    # URL must not make reconciliation believe a charge never happened.
+    if status == 404 and not_found_ok and code == "resource_missing":
+        return response
+    if status == 402:
+        hard = bool(error.get("hard", code in HARD_DECLINE_CODES))
+        charge = error.get("charge")
+        gateway_id = charge.get("id") if isinstance(charge, dict) else None
+        raise Declined(code, message, hard, gateway_id)
+    if status == 409 and code == "request_in_progress":
+        # The same key is being processed right now by another request: its outcome is unknown.
+        raise Ambiguous(f"{method} {path}: {message}")
+    if status == 409 and error.get("type") == "idempotency_error":
+        raise IdempotencyConflict(code, message, status)
+    if status in (401, 403):
+        raise AuthenticationFailed(f"gateway refused the credentials (HTTP {status}): {code}: {message}")
+    if status in (408, 429) or (status == 503 and error.get("processed") is False):
+        raise Unavailable(f"gateway refused {method} {path} without processing it: {code}: {message}")
+    if status >= 500 or status < 400:
+        if read_only:
+            raise Unavailable(f"gateway lookup failed: HTTP {status}")
+        raise Ambiguous(f"{method} {path} answered HTTP {status}: {message}")
+    raise GatewayRejected(code, message, status)
+
+
+def _parse(parser: Callable[[Any], T], response: httpx.Response, *, read_only: bool = False) -> T:
+    try:
+        return parser(response.json())
+    except (ValueError, KeyError, TypeError) as exc:
+        # A success we cannot read may still be a charge that happened.
+        kind = Unavailable if read_only else Ambiguous
+        raise kind(f"unreadable gateway response (HTTP {response.status_code}): {exc!r}") from exc
 
 
 def _error_body(response: httpx.Response) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from jobs.billing_day import claim_run, run_billing_day
 from jobs.boletos import process_gateway_event
 from jobs.changes import pending_change_request_ids, process_change_request
 from jobs.context import BillingConfig, current_session, runtime
-from jobs.notifications import pending_notification_ids, send_notification
+from jobs.notifications import enqueue_delivery, pending_notification_ids
 from jobs.outbox import send_after_commit
 from jobs.payments import reconcile_charges, unresolved_charge_ids
 from jobs.refunds import process_refund, stale_refund_ids
@@ -114,8 +114,10 @@ def _send_each(session: Session, actor: dramatiq.Actor[Any, Any], ids: Sequence[
 
 @stale_work("notifications")
 def _requeue_notifications(session: Session, now: datetime) -> int:
+    # In batches (one message, one SMTP connection per BATCH_SIZE notices), not one message each.
     ids = pending_notification_ids(session, older_than=now - STALE_WORK, now=now)
-    return _send_each(session, send_notification, ids)
+    enqueue_delivery(session, ids)
+    return len(ids)
 
 
 @stale_work("gateway_events")

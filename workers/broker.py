@@ -20,7 +20,7 @@ from dramatiq.middleware import (
 
 import jobs
 from gateways.base import Gateway
-from jobs.context import BillingConfig, Runtime, configure
+from jobs.context import BillingConfig, Mailer, Runtime, configure
 from workers.db import get_session_factory, resolved_urls
 from workers.mail import mailer_from_settings
 from workers.middleware import DatabaseSession, DeadLetterErrors
@@ -94,10 +94,17 @@ def build_broker(redis_url: str, worker_metrics_port: int | None = None) -> Redi
 
 @lru_cache(maxsize=1)
 def gateway_factory() -> Gateway:
-    """One gateway client per process: its connection pool and charge threads are shared."""
+    """One gateway client per process: its connection pools and charge loop (GATEWAY_MAX_IN_FLIGHT) are shared."""
     from gateways.http import HttpGateway
 
     return HttpGateway.from_settings(get_settings())
+
+
+@lru_cache(maxsize=1)
+def mailer_factory() -> Mailer:
+    """One mailer per process, built at its first notice (it keeps no connection: each delivery, or
+    batch of notices, opens its own)."""
+    return mailer_from_settings(get_settings())
 
 
 def setup() -> RedisBroker:
@@ -111,7 +118,7 @@ def setup() -> RedisBroker:
             get_session_factory(),
             gateway_factory,
             billing_config(settings),
-            mailer_factory=lambda: mailer_from_settings(settings),
+            mailer_factory=mailer_factory,
             mail_from=settings.mail_from,
         )
     )

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
 import signal
@@ -36,11 +37,16 @@ from workers.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
+# What an SMTP server refuses of one message while the session stays usable for the next.
+_REFUSALS: Final = (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused, smtplib.SMTPDataError)
+
 CONNECT_TIMEOUT: Final = 10.0
 SINK_HOST: Final = "127.0.0.1"
 # The sink's greeting names it, so a reused port file is trusted only when our sink answers on it.
 SINK_IDENT: Final = "Renova mail sink"
 SINK_START_TIMEOUT: Final = 10.0
+# Header the sink adds to each stored message: the number of the connection that brought it.
+CONNECTION_HEADER: Final = "X-Sink-Connection"
 _TRUE: Final = {"1", "true", "yes", "on"}
 
 
@@ -52,7 +58,8 @@ class MailError(RuntimeError):
 
 
 class SmtpMailer:
-    """Sends each message over its own SMTP connection (simple, and nothing stale to recover from).
+    """Sends messages over SMTP: `send` opens a connection for one message, `connection()` one for a
+    batch. Holds no connection itself, so one mailer serves every thread of a process.
 
     URL: `smtp://[user:password@]host[:port][?starttls=1]` or `smtps://…` (TLS from the start).
     Default ports: 25 for smtp (587 with starttls), 465 for smtps.
@@ -90,6 +97,50 @@ class SmtpMailer:
             return smtplib.SMTP_SSL(self.host, self.port, timeout=self.timeout, context=ssl.create_default_context())
         return smtplib.SMTP(self.host, self.port, timeout=self.timeout)
 
+    def _open(self) -> smtplib.SMTP:
+        """A connected, authenticated session; raises OSError or smtplib.SMTPException."""
+        smtp = self._connect()
+        try:
+            if self.starttls:
+                smtp.starttls(context=ssl.create_default_context())
+            if self.username:
+                smtp.login(self.username, self.password or "")
+        except BaseException:
+            _close_quietly(smtp)
+            raise
+        return smtp
+
+    def send(self, message: EmailMessage) -> None:
+        """Send one message over a connection of its own; raises as `SmtpConnection.send`."""
+        with self.connection() as connection:
+            connection.send(message)
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[SmtpConnection]:
+        """One SMTP connection for several messages (opened at the first send, closed on exit)."""
+        connection = SmtpConnection(self)
+        try:
+            yield connection
+        finally:
+            connection.close()
+
+
+class SmtpConnection:
+    """Several messages over one SMTP session, each accepted or refused on its own.
+
+    The session opens at the first `send`. A message refused while the session stays usable (a
+    recipient, the sender or the data refused and reset by the server) does not disturb the next
+    one. When the session is lost mid-message, the next message opens a new one; when the server
+    cannot be reached at all, every later `send` fails at once with the same error, so that a batch
+    does not wait out a connect timeout per message. Not for use by several threads at once.
+    """
+
+    def __init__(self, mailer: SmtpMailer) -> None:
+        self.mailer = mailer
+        self.opened = 0  # sessions opened, for logs and tests
+        self._smtp: smtplib.SMTP | None = None
+        self._unreachable: BaseException | None = None
+
     def send(self, message: EmailMessage) -> None:
         """Raises `jobs.errors.PermanentError` when every recipient was refused with a permanent
         (5xx) code, and `jobs.errors.TransientError` when the message was not accepted for any other
@@ -106,16 +157,56 @@ class SmtpMailer:
 
     def _send(self, message: EmailMessage) -> None:
         """Raises OSError or smtplib.SMTPException when the message was not accepted."""
-        with self._connect() as smtp:
-            if self.starttls:
-                smtp.starttls(context=ssl.create_default_context())
-            if self.username:
-                smtp.login(self.username, self.password or "")
-            refused = smtp.send_message(message)
+        reused = self._smtp is not None
+        try:
+            refused = self._send_once(message)
+        except smtplib.SMTPSenderRefused as exc:
+            if not (reused and self._smtp is None):
+                raise
+            # The server closed a session it had served before (e.g. 421 at MAIL FROM after its limit
+            # of messages per connection): nothing of this message was accepted, so a new one may take it.
+            log.info("SMTP session closed by the server (%s); opening another", exc.smtp_code)
+            refused = self._send_once(message)
         if refused:
             # Some recipients were refused while others accepted it: the message went out, so it
             # is not sent again; the refusals are worth a look.
             log.warning("recipients refused for %s: %s", message.get("Message-ID"), refused)
+
+    def _send_once(self, message: EmailMessage) -> dict[str, tuple[int, bytes]]:
+        smtp = self._session()
+        try:
+            return smtp.send_message(message)
+        except (OSError, smtplib.SMTPException) as exc:
+            # smtplib resets the session after refusing the sender, the recipients or the data (it
+            # stays usable) and closes it on a 421; anything else leaves it lost or in an unknown state.
+            if smtp.sock is None or not isinstance(exc, _REFUSALS):
+                _close_quietly(smtp)
+                self._smtp = None
+            raise
+
+    def _session(self) -> smtplib.SMTP:
+        if self._unreachable is not None:
+            raise self._unreachable
+        if self._smtp is None:
+            try:
+                self._smtp = self.mailer._open()
+            except (OSError, smtplib.SMTPException) as exc:
+                self._unreachable = exc
+                raise
+            self.opened += 1
+        return self._smtp
+
+    def close(self) -> None:
+        if self._smtp is not None:
+            with contextlib.suppress(OSError, smtplib.SMTPException):
+                self._smtp.quit()
+            _close_quietly(self._smtp)
+            self._smtp = None
+
+
+def _close_quietly(smtp: smtplib.SMTP) -> None:
+    with contextlib.suppress(OSError, smtplib.SMTPException):
+        smtp.close()
 
 
 # --- the sink ----------------------------------------------------------------------------------
@@ -136,18 +227,25 @@ def write_eml(directory: Path, data: bytes) -> Path:
 
 
 class EmlWriter:
-    """aiosmtpd handler: every accepted message becomes a file, with its envelope as headers."""
+    """aiosmtpd handler: every accepted message becomes a file, with its envelope as headers, and
+    the number of the SMTP connection that brought it (`X-Sink-Connection`: 1, 2 … per sink), which
+    shows what a batch shared."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self._connections = itertools.count(1)
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         content = envelope.original_content or envelope.content
         if isinstance(content, str):
             content = content.encode("utf-8")
+        # aiosmtpd makes one Session per connection: numbered at its first message.
+        if getattr(session, "renova_connection", None) is None:
+            session.renova_connection = next(self._connections)
         # Bcc recipients exist only in the envelope; keeping it shows who the server was asked to reach.
         envelope_headers = (
             f"X-Envelope-From: {envelope.mail_from}\r\nX-Envelope-To: {', '.join(envelope.rcpt_tos)}\r\n"
+            f"{CONNECTION_HEADER}: {session.renova_connection}\r\n"
         ).encode()
         await asyncio.to_thread(write_eml, self.directory, envelope_headers + content)
         return "250 Message accepted for delivery"
@@ -345,16 +443,19 @@ def _forget_sink_url(data_dir: Path) -> None:
 
 
 class EmbeddedSinkMailer(SmtpMailer):
-    """The mailer of the embedded sink; a refused connection means the sink was stopped, so the
-    next attempt (the message is retried) starts it again instead of knocking on a dead port."""
+    """The mailer of the embedded sink. The sink's address is looked up at every connection, so a
+    mailer kept for the life of a process follows a sink that was stopped and started again; a
+    refused connection means the sink was stopped, so the next attempt (the message is retried)
+    starts it again instead of knocking on a dead port."""
 
     def __init__(self, data_dir: Path) -> None:
         super().__init__(_sink_url(data_dir))
         self.data_dir = Path(data_dir)
 
-    def _send(self, message: EmailMessage) -> None:
+    def _connect(self) -> smtplib.SMTP:
+        parts = urlsplit(_sink_url(self.data_dir))
         try:
-            super()._send(message)
+            return smtplib.SMTP(parts.hostname, parts.port or 25, timeout=self.timeout)
         except ConnectionRefusedError:
             _forget_sink_url(self.data_dir)
             raise

@@ -12,7 +12,9 @@ API conventions (shaped like Stripe's):
 - a charge can be refunded in parts, never beyond its amount; GET /sandbox/ledger lists each refund as
   a negative line next to the charge it gives back from;
 - faults per process (`serve` options, POST /sandbox/config) or per request (headers
-  `Sandbox-Latency-Ms`, `Sandbox-Timeout-Rate`, `Sandbox-Unavailable-Rate`, `Sandbox-Stall-Ms`).
+  `Sandbox-Latency-Ms`, `Sandbox-Timeout-Rate`, `Sandbox-Unavailable-Rate`, `Sandbox-Stall-Ms`);
+- requests with a `Sandbox-Probe: NAME` header are counted under NAME, and GET /sandbox/probes/NAME
+  tells how many were in flight at once at most (what a client's concurrency looks like from here).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateways.sandbox.models import (
     ApiError,
@@ -79,6 +82,41 @@ def _header_number(
     return value
 
 
+class _Probe:
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.requests = 0
+
+
+class _CountProbes:
+    """Counts the requests carrying a `Sandbox-Probe` header, per probe name, while they are handled.
+
+    A name per test keeps each count apart from the others' requests (stalled ones included). Plain
+    ASGI on the event loop, so no lock is needed.
+    """
+
+    def __init__(self, app: ASGIApp, probes: dict[str, _Probe]) -> None:
+        self.app = app
+        self.probes = probes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        name = None
+        if scope["type"] == "http":
+            name = next((value.decode() for key, value in scope["headers"] if key == b"sandbox-probe"), None)
+        if not name:
+            await self.app(scope, receive, send)
+            return
+        probe = self.probes.setdefault(name, _Probe())
+        probe.requests += 1
+        probe.in_flight += 1
+        probe.max_in_flight = max(probe.max_in_flight, probe.in_flight)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            probe.in_flight -= 1
+
+
 def create_app(config: SandboxConfig, data_dir: Path, stopping: threading.Event | None = None) -> FastAPI:
     """The sandbox application; `stopping` is set when the server starts shutting down."""
     stopping = stopping or threading.Event()
@@ -97,6 +135,8 @@ def create_app(config: SandboxConfig, data_dir: Path, stopping: threading.Event 
     app = FastAPI(title="Renova sandbox gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.store = store
     app.state.config = config
+    probes: dict[str, _Probe] = {}
+    app.add_middleware(_CountProbes, probes=probes)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -267,6 +307,13 @@ def create_app(config: SandboxConfig, data_dir: Path, stopping: threading.Event 
     @sandbox.get("/webhooks")
     async def webhooks() -> JSONResponse:
         return JSONResponse({"data": await run_in_threadpool(store.deliveries)})
+
+    @sandbox.get("/probes/{name}")
+    async def probe(name: str) -> JSONResponse:
+        found = probes.get(name) or _Probe()
+        return JSONResponse(
+            {"in_flight": found.in_flight, "max_in_flight": found.max_in_flight, "requests": found.requests}
+        )
 
     @sandbox.get("/config")
     async def get_config() -> JSONResponse:

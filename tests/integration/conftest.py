@@ -203,6 +203,20 @@ def worker(broker, clean_database: None) -> Iterator[object]:
     broker.middleware[:] = [m for m in broker.middleware if getattr(m, "worker", None) is not running]
 
 
+@pytest.fixture
+def stack_dir() -> Iterator[Path]:
+    """A folder for an embedded stack of the test's own, inside the project's `.renova`: the embedded
+    PostgreSQL runs as its own system user when tests run as root, and pytest's `tmp_path` sits under
+    a folder only the current user may enter (which any pytest run starting meanwhile resets)."""
+    import shutil
+    import uuid
+
+    folder = TEST_DATA_DIR.parent / "test-stacks" / uuid.uuid4().hex[:12]
+    folder.mkdir(parents=True)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def wait_until(predicate: Callable[[], object], timeout: float = 15.0, interval: float = 0.05) -> object:
     """Poll until `predicate()` is truthy; fail the test with the last value after `timeout`."""
     deadline = time.monotonic() + timeout

@@ -30,8 +30,8 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_the_demo_runs_to_its_summary_and_stops_everything_it_started(tmp_path):
-    result, output = demo(tmp_path, "--orgs", "3", "--days", "4", "--seed", "2")
+def test_the_demo_runs_to_its_summary_and_stops_everything_it_started(stack_dir):
+    result, output = demo(stack_dir, "--orgs", "3", "--days", "4", "--seed", "2")
 
     assert result.returncode == 0, output
     assert "Demo: 3 organizations, 4 days from" in output
@@ -39,7 +39,7 @@ def test_the_demo_runs_to_its_summary_and_stops_everything_it_started(tmp_path):
     assert "ledger check: 3 subscriptions, no money kept or lost" in output
     assert "sandbox ledger: at most one successful charge per invoice" in output
 
-    root = tmp_path / "demo"
+    root = stack_dir / "demo"
     assert (root / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Every notice written was delivered to the mail sink by the worker.
     _, setup_notices, day_notices = table_row(output, "notices")
@@ -53,29 +53,29 @@ def test_the_demo_runs_to_its_summary_and_stops_everything_it_started(tmp_path):
     assert not (root / "redis" / "port").exists()
 
 
-def test_keep_leaves_the_stack_running_until_stop(tmp_path):
-    result, output = demo(tmp_path, "--orgs", "2", "--days", "2", "--keep")
+def test_keep_leaves_the_stack_running_until_stop(stack_dir):
+    result, output = demo(stack_dir, "--orgs", "2", "--days", "2", "--keep")
 
     assert result.returncode == 0, output
     api = re.search(r"left running: API (\S+)", output)
     assert api is not None, output
-    pids = json.loads((tmp_path / "demo" / "processes.json").read_text())
+    pids = json.loads((stack_dir / "demo" / "processes.json").read_text())
     assert set(pids) == {"gateway", "web", "worker", "scheduler"}
     health = httpx.get(f"{api.group(1)}/healthz", timeout=5).json()
     assert health["clock"] == "test"  # the demo's clock stays on its last day
 
-    stopped, stop_output = demo(tmp_path, "--stop")
+    stopped, stop_output = demo(stack_dir, "--stop")
     assert stopped.returncode == 0 and "demo stopped" in stop_output
     assert not any(alive(pid) for pid in pids.values())
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{api.group(1)}/healthz", timeout=2)
-    again, again_output = demo(tmp_path, "--stop")
+    again, again_output = demo(stack_dir, "--stop")
     assert again.returncode == 0 and "no demo was running" in again_output
 
 
-def test_the_demo_is_refused_in_production(tmp_path):
-    refused = renova("demo", RENOVA_DATA_DIR=str(tmp_path), RENOVA_ENV="production")
+def test_the_demo_is_refused_in_production(stack_dir):
+    refused = renova("demo", RENOVA_DATA_DIR=str(stack_dir), RENOVA_ENV="production")
 
     assert refused.returncode == 2
     assert "refused with RENOVA_ENV=production" in refused.stdout
-    assert not (tmp_path / "demo").exists()
+    assert not (stack_dir / "demo").exists()

@@ -8,8 +8,8 @@ import redis
 from workers.embedded import EmbeddedStack
 
 
-def test_start_reuse_and_stop(tmp_path):
-    stack = EmbeddedStack(tmp_path / "data")
+def test_start_reuse_and_stop(stack_dir):
+    stack = EmbeddedStack(stack_dir / "data")
     try:
         database_url = stack.postgres_url("app")
         redis_url = stack.redis_url()

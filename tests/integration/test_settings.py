@@ -9,7 +9,14 @@ from workers.settings import SettingsError, load_settings
 
 @pytest.fixture
 def env(monkeypatch):
-    for name in ("DUNNING_RETRY_DAYS", "BILLING_RUN_AT", "BILLING_TIMEZONE", "BOLETO_LEAD_DAYS", "RENOVA_ENV"):
+    for name in (
+        "DUNNING_RETRY_DAYS",
+        "BILLING_RUN_AT",
+        "BILLING_TIMEZONE",
+        "BOLETO_LEAD_DAYS",
+        "RENOVA_ENV",
+        "GATEWAY_MAX_IN_FLIGHT",
+    ):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -21,13 +28,16 @@ def test_defaults(env):
     assert settings.billing_timezone == "America/Sao_Paulo"
     assert settings.boleto_lead_days == 7
     assert settings.boleto_grace_business_days == 3
+    assert settings.gateway_max_in_flight == 64
 
 
 def test_values_from_the_environment(env):
     env.setenv("DUNNING_RETRY_DAYS", "2, 4")
     env.setenv("BILLING_RUN_AT", "07:30")
     env.setenv("RENOVA_API_KEYS", "k1,k2")
+    env.setenv("GATEWAY_MAX_IN_FLIGHT", "200")
     settings = load_settings()
+    assert settings.gateway_max_in_flight == 200
     assert settings.dunning_retry_days == (2, 4)
     assert settings.billing_run_at == time(7, 30)
     assert [key.get_secret_value() for key in settings.api_keys] == ["k1", "k2"]
@@ -42,6 +52,8 @@ def test_values_from_the_environment(env):
         ("DUNNING_RETRY_DAYS", "one"),
         ("BOLETO_LEAD_DAYS", "-1"),
         ("RENOVA_ENV", "staging"),
+        ("GATEWAY_MAX_IN_FLIGHT", "0"),
+        ("GATEWAY_MAX_IN_FLIGHT", "1001"),
     ],
 )
 def test_a_bad_value_names_the_setting(env, name, value):
