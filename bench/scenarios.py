@@ -82,7 +82,10 @@ class Bench:
         self.sizes = sizes
         self.say = say
         self.sessions = get_session_factory()
-        self._fresh = True
+        # A fresh schema first: the floors check the invariants too, on an empty database.
+        with self.sessions() as session:
+            reset_database(session, fresh=True)
+        self._fresh = False
         self.redis = redis.Redis.from_url(stack.redis_url)
 
     # --- helpers -----------------------------------------------------------------------------------

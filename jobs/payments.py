@@ -218,16 +218,17 @@ def charge_and_record(
 ) -> dict[int, str]:
     """Phases 2 and 3 for attempts the caller has recorded (phase 1) in its own transaction.
 
-    The outcomes are recorded in one transaction; only if one of them fails is the batch recorded
-    again with a savepoint per attempt, so recording one outcome never undoes its neighbours'. An
-    attempt whose recording failed stays pending, and the janitor reconciles it by its key.
+    The outcomes are recorded in one transaction (`jobs.renewal_outcomes`: the common case as sets);
+    only if one of them fails is the batch recorded again, one by one, with a savepoint per attempt,
+    so recording one outcome never undoes its neighbours'. An attempt whose recording failed stays
+    pending, and the janitor reconciles it by its key.
     """
+    from jobs.renewal_outcomes import record_outcomes  # it builds on this module
+
     outcomes = list(zip(prepared, execute_charges(session, gateway, prepared), strict=True))
     try:
-        statuses = {
-            item.charge_id: record_charge_outcome(session, item.charge_id, outcome, on=on, now=now, config=config)
-            for item, outcome in outcomes
-        }
+        # The chunk's plain renewal successes as sets, every other outcome one by one.
+        statuses = record_outcomes(session, outcomes, on=on, now=now, config=config)
         session.commit()
         return statuses
     except Exception:

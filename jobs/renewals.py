@@ -8,6 +8,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert
@@ -27,7 +28,7 @@ from jobs.invoicing import (
     renewal_invoice,
     renewal_invoice_values,
 )
-from jobs.notifications import notify
+from jobs.notifications import NoticeSpec, notify, notify_many
 from jobs.payments import (
     card_of_organization,
     charge_in_flight,
@@ -181,12 +182,22 @@ def renew(session: Session, subscription_id: int, work: Work) -> None:
         queue_missing_boletos(session, subscription.id, work)
 
 
+# Off: every renewal goes through `renew` one by one (the reference path; the equivalence tests compare both).
+SET_BASED_RENEWALS = True
+
+
 def renew_many(session: Session, subscription_ids: Sequence[int], work: Work) -> list[int]:
-    """The plain renewals of a chunk, set-based: one locking read, one multi-row insert each for
-    invoices, credit entries and charges, one batch of period updates. A plain renewal is an active
-    or past-due card subscription due on or before D, with a card on file, no pending switch or
-    cancellation, no change being charged, no invoice yet for the new period and something to charge.
-    Returns the ids it left to `renew`, which handles every other case one by one."""
+    """The common renewals of a chunk, set-based: one locking read, one multi-row insert each for
+    invoices, credit entries and charges, one batch of period updates — with exactly the rows `renew`
+    would write. Taken here: an active or past-due subscription due on or before D, paid by card
+    after its pending switch (if any), not ending, with no change being charged and no invoice yet for
+    the new period, that either has a card on file and something to charge, or is active and covered
+    entirely by credit (paid at once, no charge). Returns the ids it left to `renew`, which handles
+    every other case one by one: a switch to boleto, a boleto subscription, no card on file, a
+    cancellation, a suspended subscription, a past-due one covered by credit (its payment reactivates),
+    an invoice that already exists."""
+    if not SET_BASED_RENEWALS:
+        return list(subscription_ids)
     rows = session.execute(
         select(
             Subscription.id,
@@ -210,15 +221,13 @@ def renew_many(session: Session, subscription_ids: Sequence[int], work: Work) ->
         .with_for_update(of=Subscription)
     ).all()
     in_flight = subscriptions_with_charge_in_flight(session, subscription_ids, changes_only=True)
-    plain, invoices = {}, []
+    taken, invoices = {}, []
     for row in rows:
         if (
             row.current_period_end > work.on
             or row.status not in (SubscriptionStatus.ACTIVE, SubscriptionStatus.PAST_DUE)
             or row.cancel_at_period_end
-            or row.pending_payment_method
-            or row.payment_method != PaymentMethod.CARD
-            or row.card_id is None
+            or (row.pending_payment_method or row.payment_method) != PaymentMethod.CARD
             or row.id in in_flight
         ):
             continue
@@ -226,45 +235,89 @@ def renew_many(session: Session, subscription_ids: Sequence[int], work: Work) ->
         values = renewal_invoice_values(
             session, row, period_start=renewal, method=PaymentMethod.CARD.value, due_date=renewal
         )
-        if values["total_cents"] <= 0:
-            continue
-        plain[row.id] = row
+        if values["total_cents"] <= 0 and row.status != SubscriptionStatus.ACTIVE:
+            continue  # paid by credit now, which reactivates a past-due subscription: `renew` does that
+        if values["total_cents"] > 0 and row.card_id is None:
+            continue  # no card on file: dunning starts (`renew`)
+        taken[row.id] = row
         invoices.append(values)
     created = (
         session.execute(
             insert_renewal_invoices(invoices).returning(
-                Invoice.id, Invoice.subscription_id, Invoice.period_end, Invoice.total_cents, Invoice.discount_cents
+                Invoice.id,
+                Invoice.subscription_id,
+                Invoice.period_start,
+                Invoice.period_end,
+                Invoice.total_cents,
+                Invoice.discount_cents,
             )
         ).all()
         if invoices
         else []
     )
     if created:
-        session.execute(
-            update(Subscription),
-            [
-                {
-                    "id": invoice.subscription_id,
-                    "current_period_start": plain[invoice.subscription_id].current_period_end,
-                    "current_period_end": invoice.period_end,
-                    "balance_cents": plain[invoice.subscription_id].balance_cents - invoice.discount_cents,
-                }
-                for invoice in created
-            ],
-        )
-        credits = [
+        renew_created(session, taken, created, work)
+    # The subscriptions just renewed may sit in the session's identity map with their old period.
+    session.expire_all()
+    renewed = {invoice.subscription_id for invoice in created}
+    return [subscription_id for subscription_id in subscription_ids if subscription_id not in renewed]
+
+
+def renew_created(session: Session, taken: dict[int, Any], created: Sequence[Any], work: Work) -> None:
+    """What `renew` does after creating each invoice of `created`, for all of them at once: the pending
+    switch applied (and announced), the period advanced, the credit applied, then either the card
+    attempt recorded `pending` or — covered entirely by credit — the invoice paid with its receipt."""
+    session.execute(
+        update(Subscription),
+        [
             {
-                "subscription_id": invoice.subscription_id,
-                "invoice_id": invoice.id,
-                "kind": LedgerKind.CREDIT_APPLIED.value,
-                "amount_cents": -invoice.discount_cents,
-                "description": CREDIT_APPLIED,
+                "id": invoice.subscription_id,
+                # A pending switch becomes the payment method (only a switch to card is taken here).
+                "payment_method": taken[invoice.subscription_id].pending_payment_method
+                or taken[invoice.subscription_id].payment_method,
+                "pending_payment_method": None,
+                "current_period_start": invoice.period_start,
+                "current_period_end": invoice.period_end,
+                "balance_cents": taken[invoice.subscription_id].balance_cents - invoice.discount_cents,
             }
             for invoice in created
-            if invoice.discount_cents
-        ]
-        if credits:
-            session.execute(insert(LedgerEntry).values(credits))
+        ],
+    )
+    switched = [
+        NoticeSpec(
+            organization_id=row.organization_id,
+            subscription_id=row.id,
+            kind="payment_method_switch_applied",
+            dedupe_key=f"payment_method_switch_applied:{row.id}:{invoice.period_start.isoformat()}",
+            context={
+                "from_method": row.payment_method,
+                "to_method": row.pending_payment_method,
+                "renewal_date": invoice.period_start.isoformat(),
+            },
+        )
+        for invoice in created
+        if (row := taken[invoice.subscription_id]).pending_payment_method
+    ]
+    if switched:
+        notify_many(session, switched)
+    credits = [
+        {
+            "subscription_id": invoice.subscription_id,
+            "invoice_id": invoice.id,
+            "kind": LedgerKind.CREDIT_APPLIED.value,
+            "amount_cents": -invoice.discount_cents,
+            "description": CREDIT_APPLIED,
+        }
+        for invoice in created
+        if invoice.discount_cents
+    ]
+    if credits:
+        session.execute(insert(LedgerEntry).values(credits))
+    covered = [invoice for invoice in created if invoice.total_cents == 0]
+    if covered:
+        pay_covered_by_credit(session, taken, covered, work)
+    charged = [invoice for invoice in created if invoice.total_cents > 0]
+    if charged:
         charge_ids = session.scalars(
             insert(Charge)
             .values(
@@ -274,11 +327,11 @@ def renew_many(session: Session, subscription_ids: Sequence[int], work: Work) ->
                         "attempt": 1,
                         "idempotency_key": idempotency_key(invoice.id, 1),
                         "amount_cents": invoice.total_cents,
-                        "card_id": plain[invoice.subscription_id].card_id,
-                        "card_token": plain[invoice.subscription_id].card_token,
-                        "card_last4": plain[invoice.subscription_id].card_last4,
+                        "card_id": taken[invoice.subscription_id].card_id,
+                        "card_token": taken[invoice.subscription_id].card_token,
+                        "card_last4": taken[invoice.subscription_id].card_last4,
                     }
-                    for invoice in created
+                    for invoice in charged
                 ]
             )
             .returning(Charge.id)
@@ -286,11 +339,40 @@ def renew_many(session: Session, subscription_ids: Sequence[int], work: Work) ->
         work.charges.extend(
             prepare(charge) for charge in session.scalars(select(Charge).where(Charge.id.in_(charge_ids)))
         )
-        work.done += len(created)
-    # The subscriptions just renewed may sit in the session's identity map with their old period.
-    session.expire_all()
-    renewed = {invoice.subscription_id for invoice in created}
-    return [subscription_id for subscription_id in subscription_ids if subscription_id not in renewed]
+    work.done += len(created)
+
+
+def pay_covered_by_credit(session: Session, taken: dict[int, Any], covered: Sequence[Any], work: Work) -> None:
+    """`mark_invoice_paid` of a zero invoice on an active subscription: paid on D without a charge or a
+    payment entry (no money moved), and the receipt without a card (`source` "crédito")."""
+    paid = session.scalars(
+        update(Invoice.__table__)
+        .where(Invoice.id.in_([invoice.id for invoice in covered]), Invoice.status == InvoiceStatus.OPEN)
+        .values(status=InvoiceStatus.PAID.value, paid_on=work.on, paid_at=work.now)
+        .returning(Invoice.id)
+    ).all()
+    assert len(paid) == len(covered)  # created just now, under the subscriptions' locks
+    notify_many(
+        session,
+        [
+            NoticeSpec(
+                organization_id=taken[invoice.subscription_id].organization_id,
+                subscription_id=invoice.subscription_id,
+                kind="charge_succeeded",
+                dedupe_key=f"charge_succeeded:{invoice.id}",
+                context={
+                    "invoice_id": invoice.id,
+                    "amount_cents": 0,
+                    "card_brand": "",
+                    "card_last4": "",
+                    "period_start": invoice.period_start.isoformat(),
+                    "period_end": invoice.period_end.isoformat(),
+                    "paid_on": work.on.isoformat(),
+                },
+            )
+            for invoice in covered
+        ],
+    )
 
 
 def no_card_on_file(session: Session, subscription: Subscription, invoice: Invoice) -> None:
