@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
 
     stack = BenchStack(args.processes, args.threads).start()
-    # Only now: the broker is built from the environment the stack just set.
+    # Only now: the broker is built from the environment the stack just set, before any actor binds.
+    import workers.broker  # noqa: F401
     from bench.scenarios import FULL, QUICK, SLOW_LATENCY_MS, Bench
 
     sizes = QUICK if args.quick else FULL
