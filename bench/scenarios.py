@@ -48,7 +48,7 @@ QUICK = Sizes(20_000, 1_000, 100, 5_000, 50_000, 1_000, 1_000, 100, 300)
 
 
 class TimedOut(Exception):
-    pass
+    """A scenario's work did not finish in its time: a NOT MET line, with how far it got."""
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = POLL_SECONDS) -> float:

@@ -56,11 +56,9 @@ def search_subscriptions(session: Session, term: str, *, limit: int = 50) -> lis
         .order_by(Subscription.id.desc())
         .limit(limit)
     )
-    if not term:
-        pass
-    elif term.startswith("#") and term[1:].isdigit():
+    if term.startswith("#") and term[1:].isdigit():
         query = query.where(Subscription.id == int(term[1:]))
-    else:
+    elif term:
         document = re.sub(r"[.\-/\s]", "", term).upper()
         criteria = [Organization.name.ilike(f"%{_escape_like(term)}%"), Organization.document == document]
         if term.isdigit():

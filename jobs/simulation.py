@@ -380,7 +380,7 @@ class InProcessWorld:
         return Outcome(request.status, request.error_code, request.result)
 
     def begin_days(self, first_day: date) -> None:
-        pass
+        """Nothing to start: every day's run is called from `pass_day` in this thread."""
 
     def pass_day(self, day: date) -> None:
         now = noon_of(day)

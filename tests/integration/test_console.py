@@ -252,3 +252,19 @@ def test_a_refused_charge_action_says_why_and_changes_nothing(console_server: Co
     assert "erro=" in no_reason.headers["location"]
     assert session.scalars(select(AuditEvent).where(AuditEvent.action.startswith("charge."))).all() == []
     assert "charge" not in client.get("/console/audit", params={"action": "charge"}).text.split("<table>")[1]
+
+
+def test_an_operator_deletes_a_whole_queue_of_dead_letters(console_server: Console, broker, session):
+    dead_letter(broker, 1)
+    dead_letter(broker, 2)
+    client = logged_in(console_server, "ops@renova.example")
+    token = csrf_of(client, "/console/dead-letters")
+
+    done = client.post(
+        "/console/dead-letters/delete", data={"csrf_token": token, "queue": "notifications", "reason": "obsoletas"}
+    )
+    assert "2+mensagem%28ns%29+apagada%28s%29" in done.headers["location"]
+    assert broker.client.zcard("dramatiq:notifications.XQ") == 0
+    assert broker.client.llen("dramatiq:notifications") == 0  # deleted, not requeued
+    events = session.scalars(select(AuditEvent).where(AuditEvent.action == "dead_letter.delete")).all()
+    assert sorted(event.reason for event in events) == ["obsoletas", "obsoletas"]

@@ -225,6 +225,30 @@ def _chosen_letters(message_id: str, queue: str) -> list[Any]:
     return [letter for letter in letters if not message_id or letter.message_id == message_id]
 
 
+def _act_on_dead_letters(
+    session: Session, user: ConsoleUser, reason: str, message_id: str, queue: str, *, delete: bool
+) -> Response:
+    """One message (`message_id`), or every dead letter of `queue` (bulk): requeued or deleted, audited."""
+    from workers.dead_letters import delete_audited, requeue_audited
+
+    verb, done = ("apagar", "apagada(s)") if delete else ("reenfileirar", "reenfileirada(s)")
+    target = f"/console/dead-letters?queue={queue}" if queue else "/console/dead-letters"
+    if required_reason(reason) is None:
+        return back(target, error="Diga por que (motivo obrigatório, vai para a auditoria).")
+    if not message_id and not queue:
+        return back(target, error=f"Escolha uma mensagem, ou uma fila para {verb} todas.")
+    letters = _chosen_letters(message_id, queue)
+    if not letters:
+        return back(target, error=f"Nada a {verb}: a mensagem já não está entre as dead letters.")
+    broker, client = _broker_and_client()
+    if delete:
+        handled = delete_audited(session, client, letters, actor=user.email, reason=reason.strip())
+    else:
+        handled = requeue_audited(session, broker, client, letters, actor=user.email, reason=reason.strip())
+    session.commit()
+    return back(target, ok=f"{len(handled)} mensagem(ns) {done}.")
+
+
 @router.post("/dead-letters/requeue")
 def requeue_dead_letters(
     session: SessionDep,
@@ -233,21 +257,7 @@ def requeue_dead_letters(
     message_id: Annotated[str, Form()] = "",
     queue: Annotated[str, Form()] = "",
 ) -> Response:
-    """One message (`message_id`), or every dead letter of `queue` (bulk)."""
-    from workers.dead_letters import requeue_audited
-
-    target = f"/console/dead-letters?queue={queue}" if queue else "/console/dead-letters"
-    if required_reason(reason) is None:
-        return back(target, error="Diga por que (motivo obrigatório, vai para a auditoria).")
-    if not message_id and not queue:
-        return back(target, error="Escolha uma mensagem, ou uma fila para reenfileirar todas.")
-    letters = _chosen_letters(message_id, queue)
-    if not letters:
-        return back(target, error="Nada a reenfileirar: a mensagem já não está entre as dead letters.")
-    broker, client = _broker_and_client()
-    requeued = requeue_audited(session, broker, client, letters, actor=user.email, reason=reason.strip())
-    session.commit()
-    return back(target, ok=f"{len(requeued)} mensagem(ns) reenfileirada(s).")
+    return _act_on_dead_letters(session, user, reason, message_id, queue, delete=False)
 
 
 @router.post("/dead-letters/delete")
@@ -258,21 +268,7 @@ def delete_dead_letters(
     message_id: Annotated[str, Form()] = "",
     queue: Annotated[str, Form()] = "",
 ) -> Response:
-    """One message, or every dead letter of `queue`: gone for good, with who and why in the audit log."""
-    from workers.dead_letters import delete_audited
-
-    target = f"/console/dead-letters?queue={queue}" if queue else "/console/dead-letters"
-    if required_reason(reason) is None:
-        return back(target, error="Diga por que (motivo obrigatório, vai para a auditoria).")
-    if not message_id and not queue:
-        return back(target, error="Escolha uma mensagem, ou uma fila para apagar todas.")
-    letters = _chosen_letters(message_id, queue)
-    if not letters:
-        return back(target, error="Nada a apagar: a mensagem já não está entre as dead letters.")
-    _, client = _broker_and_client()
-    deleted = delete_audited(session, client, letters, actor=user.email, reason=reason.strip())
-    session.commit()
-    return back(target, ok=f"{len(deleted)} mensagem(ns) apagada(s).")
+    return _act_on_dead_letters(session, user, reason, message_id, queue, delete=True)
 
 
 # --- billing runs -------------------------------------------------------------------------------------
