@@ -3,7 +3,6 @@ line(s), with the invariants checked after it (bench/invariants.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import statistics
 import time
 from collections.abc import Callable
@@ -19,6 +18,8 @@ from bench.invariants import check_invariants
 from bench.report import Result, Target
 from bench.seed import RUN_DATE, Day, reset_database, seed_day
 from bench.stack import GATEWAY_API_KEY, BenchStack
+from gateways.base import ChargeRequest, ChargeResult
+from gateways.http import HttpGateway
 
 NOW = datetime.combine(RUN_DATE, clock_time(12), UTC)
 POLL_SECONDS = 0.05
@@ -160,39 +161,22 @@ class Bench:
     # --- 2. the sandbox's floor --------------------------------------------------------------------
 
     def sandbox_floor(self) -> Result:
+        """The sandbox answering as fast as it can, through the client the workers charge with
+        (`HttpGateway.charge_many`, one event loop), from this one process."""
         count = self.sizes.charges
         self.say(f"sandbox floor: {count:,} charges, {SANDBOX_IN_FLIGHT} in flight")
         self.stack.start_gateway(latency_ms=0)
-        elapsed, failures = asyncio.run(self._charge_many(count))
-        note = f"{count:,} charges, {SANDBOX_IN_FLIGHT} in flight"
+        requests = [ChargeRequest("tok_ok", 4990, f"bench:{n}", f"bench {n}") for n in range(count)]
+        with HttpGateway(self.stack.gateway_url, GATEWAY_API_KEY, 2.0, 30.0, max_in_flight=SANDBOX_IN_FLIGHT) as client:
+            started = time.perf_counter()
+            outcomes = client.charge_many(requests)
+            elapsed = time.perf_counter() - started
+        failures = sum(1 for outcome in outcomes if not (isinstance(outcome, ChargeResult) and outcome.succeeded))
+        note = f"{count:,} charges, {SANDBOX_IN_FLIGHT} in flight, HttpGateway.charge_many"
         violations = self.invariants()
         if failures:
             violations.append(f"{failures} charges not approved")
         return Result("2. sandbox floor: bare charge", count / elapsed, "charges/s", note=note, violations=violations)
-
-    async def _charge_many(self, count: int) -> tuple[float, int]:
-        limits = httpx.Limits(max_connections=SANDBOX_IN_FLIGHT, max_keepalive_connections=SANDBOX_IN_FLIGHT)
-        headers = {"Authorization": f"Bearer {GATEWAY_API_KEY}"}
-        semaphore = asyncio.Semaphore(SANDBOX_IN_FLIGHT)
-        failures = 0
-        async with httpx.AsyncClient(
-            base_url=self.stack.gateway_url, limits=limits, headers=headers, timeout=30
-        ) as client:
-
-            async def charge(n: int) -> None:
-                nonlocal failures
-                async with semaphore:
-                    response = await client.post(
-                        "/v1/charges",
-                        json={"card_token": "tok_ok", "amount_cents": 4990, "description": f"bench {n}"},
-                        headers={"Idempotency-Key": f"bench:{n}"},
-                    )
-                if response.status_code >= 300 or response.json().get("status") != "succeeded":
-                    failures += 1
-
-            started = time.perf_counter()
-            await asyncio.gather(*(charge(n) for n in range(count)))
-            return time.perf_counter() - started, failures
 
     # --- 3, 4, 6. a renewal day ----------------------------------------------------------------------
 

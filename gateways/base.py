@@ -8,14 +8,17 @@ else). Everything else is a definite answer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, TypeVar, runtime_checkable
 
 ChargeStatus = Literal["succeeded", "failed"]
 # A refund the gateway refuses is an error (GatewayRejected), never a stored result: only successes exist.
 RefundStatus = Literal["succeeded"]
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 # Declines that no retry can fix: the customer must give us another card.
 HARD_DECLINE_CODES: frozenset[str] = frozenset({"invalid_card", "stolen_card", "lost_card", "expired_card"})
@@ -44,6 +47,16 @@ class Payer:
     name: str
     document: str  # CPF or CNPJ (a CNPJ may be alphanumeric)
     email: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BoletoIssue:
+    """One `issue_boleto` call, as an item of `issue_boleto_many`."""
+
+    invoice: BoletoRequest
+    payer: Payer
+    due_date: date
+    idempotency_key: str
 
 
 # --- results -------------------------------------------------------------------------------------
@@ -177,12 +190,30 @@ def charge_many(gateway: Gateway, requests: Sequence[ChargeRequest]) -> list[Cha
     concurrent = getattr(gateway, "charge_many", None)
     if concurrent is not None:
         return list(concurrent(requests))
-    outcomes: list[ChargeResult | GatewayError] = []
-    for request in requests:
+    return _one_by_one(
+        lambda request: gateway.charge(
+            request.card_token, request.amount_cents, request.idempotency_key, request.description
+        ),
+        requests,
+    )
+
+
+def issue_boleto_many(gateway: Gateway, issues: Sequence[BoletoIssue]) -> list[BoletoIssued | GatewayError]:
+    """`charge_many` for boletos: one outcome per issue, in order, concurrently where the gateway can."""
+    concurrent = getattr(gateway, "issue_boleto_many", None)
+    if concurrent is not None:
+        return list(concurrent(issues))
+    return _one_by_one(
+        lambda issue: gateway.issue_boleto(issue.invoice, issue.payer, issue.due_date, issue.idempotency_key),
+        issues,
+    )
+
+
+def _one_by_one(call: Callable[[Item], Result], items: Sequence[Item]) -> list[Result | GatewayError]:
+    outcomes: list[Result | GatewayError] = []
+    for item in items:
         try:
-            outcomes.append(
-                gateway.charge(request.card_token, request.amount_cents, request.idempotency_key, request.description)
-            )
+            outcomes.append(call(item))
         except GatewayError as exc:
             outcomes.append(exc)
     return outcomes

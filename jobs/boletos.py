@@ -9,6 +9,8 @@ same request. A payment never gets lost: money for an invoice that no longer tak
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
 
@@ -18,7 +20,18 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 import jobs
-from gateways.base import Ambiguous, BoletoRequest, Gateway, GatewayRejected, Payer, Unavailable
+from gateways.base import (
+    Ambiguous,
+    BoletoIssue,
+    BoletoIssued,
+    BoletoRequest,
+    Gateway,
+    GatewayError,
+    GatewayRejected,
+    Payer,
+    Unavailable,
+    issue_boleto_many,
+)
 from jobs import clock
 from jobs.context import BillingConfig, current_session, runtime
 from jobs.invoicing import apply_credit, lock_subscription, mark_invoice_paid
@@ -212,6 +225,15 @@ def boleto_idempotency_key(invoice_id: int, sequence: int = 1) -> str:
     return f"boleto:{invoice_id}" if sequence == 1 else f"boleto:{invoice_id}:{sequence}"
 
 
+@dataclass(frozen=True)
+class _BoletoToIssue:
+    """What was read, before the gateway call, to issue one invoice's boleto."""
+
+    issue: BoletoIssue
+    sequence: int
+    overdue_on: date | None
+
+
 def issue_boleto(session: Session, gateway: Gateway, invoice_id: int, *, config: BillingConfig) -> Boleto | None:
     """Issue the boleto of an open boleto invoice that has no live one (none yet, or the last one expired,
     was given up or underpaid), once; the gateway call happens
@@ -221,8 +243,41 @@ def issue_boleto(session: Session, gateway: Gateway, invoice_id: int, *, config:
     The first boleto is due on the invoice's due date; a replacement (segunda via, after the previous one
     expired or was given up) BOLETO_DUE_DAYS after the day it was replaced, and keeps the invoice's
     dunning state (overdue since the original due date). Returns the live boleto, or None when the
-    invoice no longer needs one.
+    invoice no longer needs one; raises the gateway's error when it could not issue it.
     """
+    outcome = issue_boletos(session, gateway, [invoice_id], config=config)[invoice_id]
+    if isinstance(outcome, GatewayError):
+        raise outcome
+    return outcome
+
+
+def issue_boletos(
+    session: Session, gateway: Gateway, invoice_ids: Sequence[int], *, config: BillingConfig
+) -> dict[int, Boleto | GatewayError | None]:
+    """`issue_boleto` for many invoices, their gateway calls sent together (`issue_boleto_many`): per
+    invoice, the live boleto, None, or the error the gateway gave for that one alone. Commits."""
+    outcomes: dict[int, Boleto | GatewayError | None] = {}
+    to_issue: dict[int, _BoletoToIssue] = {}
+    for invoice_id in dict.fromkeys(invoice_ids):
+        prepared = _prepare_boleto(session, invoice_id, config)
+        if isinstance(prepared, _BoletoToIssue):
+            to_issue[invoice_id] = prepared
+        else:
+            outcomes[invoice_id] = prepared
+    session.commit()
+
+    answers = issue_boleto_many(gateway, [prepared.issue for prepared in to_issue.values()])
+    for (invoice_id, prepared), answer in zip(to_issue.items(), answers, strict=True):
+        if isinstance(answer, GatewayError):
+            outcomes[invoice_id] = answer
+            continue
+        outcomes[invoice_id] = _record_boleto(session, invoice_id, prepared, answer)
+        session.commit()
+    return outcomes
+
+
+def _prepare_boleto(session: Session, invoice_id: int, config: BillingConfig) -> _BoletoToIssue | Boleto | None:
+    """The request for an invoice's missing boleto; or its live boleto, or None when it needs none."""
     invoice = session.get(Invoice, invoice_id, populate_existing=True)
     if invoice is None or invoice.status != InvoiceStatus.OPEN or invoice.method != PaymentMethod.BOLETO:
         return None
@@ -237,16 +292,17 @@ def issue_boleto(session: Session, gateway: Gateway, invoice_id: int, *, config:
     else:
         replaced_on = previous.replaced_on or local_today(previous.created_at, config.timezone)
         due_date = replaced_on + timedelta(days=config.boleto_due_days)
-    overdue_on = previous.overdue_on if previous else None
     organization = invoice.subscription.organization
     request = BoletoRequest(
         invoice_id=invoice.id, amount_cents=invoice.total_cents, description=boleto_description(invoice)
     )
     payer = Payer(name=organization.name, document=organization.document or "", email=None)
-    session.commit()
+    issue = BoletoIssue(request, payer, due_date, boleto_idempotency_key(invoice_id, sequence))
+    return _BoletoToIssue(issue, sequence, previous.overdue_on if previous else None)
 
-    issued = gateway.issue_boleto(request, payer, due_date, boleto_idempotency_key(invoice_id, sequence))
 
+def _record_boleto(session: Session, invoice_id: int, prepared: _BoletoToIssue, issued: BoletoIssued) -> Boleto | None:
+    """Record what the gateway issued, and its notice; cancel it there when the invoice was voided meanwhile."""
     # The invoice may have been voided (a cycle change, a cancellation) while the gateway answered.
     invoice = session.scalar(
         select(Invoice).where(Invoice.id == invoice_id).with_for_update().execution_options(populate_existing=True)
@@ -255,7 +311,7 @@ def issue_boleto(session: Session, gateway: Gateway, invoice_id: int, *, config:
     still_wanted = invoice.status == InvoiceStatus.OPEN
     if not still_wanted:
         status = BoletoStatus.CANCELED
-    elif overdue_on is not None:
+    elif prepared.overdue_on is not None:
         status = BoletoStatus.OVERDUE
     else:
         status = BoletoStatus.ISSUED
@@ -263,7 +319,7 @@ def issue_boleto(session: Session, gateway: Gateway, invoice_id: int, *, config:
         insert(Boleto)
         .values(
             invoice_id=invoice_id,
-            sequence=sequence,
+            sequence=prepared.sequence,
             gateway_id=issued.gateway_id,
             nosso_numero=issued.nosso_numero,
             barcode=issued.barcode,
@@ -271,18 +327,16 @@ def issue_boleto(session: Session, gateway: Gateway, invoice_id: int, *, config:
             amount_cents=issued.amount_cents,
             due_date=issued.due_date,
             status=status,
-            overdue_on=overdue_on,
+            overdue_on=prepared.overdue_on,
         )
         .on_conflict_do_nothing()
         .returning(Boleto.id)
     )
     if boleto_id is None:  # recorded meanwhile by a concurrent attempt with the same key
-        session.commit()
         return live_boleto(session, invoice_id)
     if not still_wanted:
         # Recorded all the same, so a payment of it is recognised (and becomes credit).
         send_after_commit(session, cancel_boleto_at_gateway, issued.gateway_id)
-        session.commit()
         return None
     boleto = session.get_one(Boleto, boleto_id)
     notify(
@@ -293,10 +347,9 @@ def issue_boleto(session: Session, gateway: Gateway, invoice_id: int, *, config:
         dedupe_key=f"boleto_issued:{boleto_id}",
         context={
             **boleto_notice(invoice, boleto),
-            "purpose": BoletoPurpose.REISSUE if sequence > 1 else BOLETO_PURPOSES[invoice.kind],
+            "purpose": BoletoPurpose.REISSUE if prepared.sequence > 1 else BOLETO_PURPOSES[invoice.kind],
         },
     )
-    session.commit()
     return boleto
 
 

@@ -17,7 +17,7 @@ from datetime import date, datetime
 from sqlalchemy.orm import Session
 
 from gateways.base import Gateway, GatewayError, GatewayRejected, Unavailable
-from jobs.boletos import cancel_boleto_at_gateway, issue_boleto
+from jobs.boletos import cancel_boleto_at_gateway, issue_boletos
 from jobs.context import BillingConfig
 from jobs.outbox import send_now
 from jobs.payments import PreparedCharge, charge_and_record
@@ -48,24 +48,19 @@ class Settled:
 def settle(
     session: Session, gateway: Gateway, work: GatewayWork, *, on: date, now: datetime, config: BillingConfig
 ) -> Settled:
-    """The charges as one concurrent batch (phases 2 and 3), then the boletos to issue, each on its own so
-    that one the gateway refuses never keeps its neighbours from being issued, then the cancellations."""
+    """The charges as one concurrent batch (phases 2 and 3), then the boletos to issue as another (one the
+    gateway refuses never keeps its neighbours from being issued), then the cancellations."""
     statuses = charge_and_record(session, gateway, work.charges, on=on, now=now, config=config) if work.charges else {}
     work.charges.clear()
     settled = Settled(statuses, {})
-    for invoice_id in dict.fromkeys(work.boleto_invoices):
-        try:
-            boleto = issue_boleto(session, gateway, invoice_id, config=config)
-        except GatewayRejected as exc:
-            session.rollback()
-            logger.error("the gateway refused the boleto of invoice %s: %s", invoice_id, exc)
-            continue
-        except GatewayError as exc:
-            session.rollback()
-            settled.retry = Unavailable(f"boleto of invoice {invoice_id}: {exc}")
-            continue
-        if boleto is not None:
-            settled.boletos[invoice_id] = boleto
+    boletos = issue_boletos(session, gateway, work.boleto_invoices, config=config) if work.boleto_invoices else {}
+    for invoice_id, outcome in boletos.items():
+        if isinstance(outcome, GatewayRejected):
+            logger.error("the gateway refused the boleto of invoice %s: %s", invoice_id, outcome)
+        elif isinstance(outcome, GatewayError):
+            settled.retry = Unavailable(f"boleto of invoice {invoice_id}: {outcome}")
+        elif outcome is not None:
+            settled.boletos[invoice_id] = outcome
     work.boleto_invoices.clear()
     for gateway_id in work.boletos_to_cancel:
         send_now(session, cancel_boleto_at_gateway, gateway_id)

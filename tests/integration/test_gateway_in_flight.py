@@ -7,32 +7,41 @@ depends on how long anything took.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import date
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 from typing import Any
 
+import aiohttp
 import httpx
 import pytest
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 from dramatiq.threading import raise_thread_exception
 
+import gateways.http
 from gateways.base import (
     Ambiguous,
+    BoletoIssue,
+    BoletoIssued,
+    BoletoRequest,
     ChargeRequest,
     ChargeResult,
     Declined,
     GatewayError,
     GatewayRejected,
     IdempotencyConflict,
+    Payer,
     Unavailable,
 )
-from gateways.http import DEFAULT_MAX_IN_FLIGHT, HttpGateway
+from gateways.http import DEFAULT_MAX_IN_FLIGHT, HttpGateway, _as_httpx_error, _transport_failure
 from tests.integration.gateway_fixtures import SandboxGateway, free_port, poll
 from workers.settings import load_settings
 
@@ -60,11 +69,10 @@ def summary(outcome: ChargeResult | GatewayError) -> tuple[Any, ...]:
         return ("Declined", outcome.code, outcome.message, outcome.hard, outcome.gateway_id is not None)
     if isinstance(outcome, GatewayRejected):
         return (type(outcome).__name__, outcome.code, outcome.message, outcome.status_code)
-    text, cause = str(outcome), outcome.__cause__
-    if isinstance(cause, httpx.TransportError):
-        # The sync and the async transport word the same socket timeout differently ('timed out' / '').
-        text = text.replace(repr(cause), type(cause).__name__)
-    return (type(outcome).__name__, text)
+    if isinstance(outcome.__cause__, httpx.TransportError | aiohttp.ClientError | TimeoutError):
+        # httpx and aiohttp word the same socket failure differently: what it means is its class.
+        return (type(outcome).__name__,)
+    return (type(outcome).__name__, str(outcome))
 
 
 def sync_outcome(client: HttpGateway, request: ChargeRequest) -> ChargeResult | GatewayError:
@@ -75,7 +83,7 @@ def sync_outcome(client: HttpGateway, request: ChargeRequest) -> ChargeResult | 
 
 
 def loop_threads() -> int:
-    return sum(thread.name == "gateway-charges" for thread in threading.enumerate())
+    return sum(thread.name == "gateway-batches" for thread in threading.enumerate())
 
 
 @pytest.fixture
@@ -140,6 +148,50 @@ def test_the_bound_from_the_setting_holds_over_all_calling_threads(
     assert seen["max_in_flight"] == 8, seen
 
 
+def test_boletos_are_issued_together_and_each_outcome_is_what_issue_boleto_says(
+    running_sandbox: SandboxGateway,
+) -> None:
+    name = new_probe()
+    due = date(2027, 3, 10)
+
+    def issue(n: int, document: str = "11.222.333/0001-81") -> BoletoIssue:
+        request = BoletoRequest(900_000 + n, 59_880 + n, "CONECTA anual")
+        return BoletoIssue(request, Payer("Organização", document), due, f"boleto:{uuid.uuid4().hex}")
+
+    issues = [issue(n) for n in range(20)]
+    refused = issue(99, document="")  # no CPF/CNPJ: the gateway refuses it
+    with running_sandbox.client(headers={"Sandbox-Latency-Ms": LATENCY_MS, "Sandbox-Probe": name}) as client:
+        *outcomes, refusal = client.issue_boleto_many([*issues, refused])
+        again = client.issue_boleto_many(issues[:3])  # the same keys: the same boletos
+        try:
+            client.issue_boleto(refused.invoice, refused.payer, refused.due_date, f"boleto:{uuid.uuid4().hex}")
+        except GatewayError as exc:
+            expected_refusal: GatewayError = exc
+
+    assert [(o.amount_cents, o.due_date) for o in outcomes if isinstance(o, BoletoIssued)] == [
+        (i.invoice.amount_cents, due) for i in issues
+    ]
+    assert isinstance(refusal, GatewayRejected) and summary(refusal) == summary(expected_refusal)
+    assert again == outcomes[:3]
+    seen = probe(running_sandbox, name)
+    assert seen["requests"] == 21 + 3 + 1 and seen["max_in_flight"] > 1, seen
+
+
+def test_a_boleto_whose_answer_is_lost_is_ambiguous_and_the_same_key_completes_it(
+    running_sandbox: SandboxGateway,
+) -> None:
+    request = BoletoRequest(900_100, 59_880, "CONECTA anual")
+    lost = BoletoIssue(request, Payer("Organização", "11.222.333/0001-81"), date(2027, 3, 10), new_key())
+    stalling = {"Sandbox-Timeout-Rate": "1", "Sandbox-Stall-Ms": "3000"}
+    with running_sandbox.client(headers=stalling, read_timeout=1.0) as client:
+        [outcome] = client.issue_boleto_many([lost])
+    assert isinstance(outcome, Ambiguous)
+    with running_sandbox.client() as client:
+        first = client.issue_boleto(lost.invoice, lost.payer, lost.due_date, lost.idempotency_key)
+        [second] = client.issue_boleto_many([lost])
+    assert isinstance(second, BoletoIssued) and second == first
+
+
 # --- the same outcomes as `charge` ----------------------------------------------------------------
 
 
@@ -197,27 +249,92 @@ def test_an_unreachable_gateway_is_unavailable_in_a_batch() -> None:
     assert all(isinstance(outcome, Unavailable) for outcome in outcomes), outcomes
 
 
-@pytest.mark.parametrize(
-    "raised",
-    [
-        httpx.ConnectError("refused"),
-        httpx.ConnectTimeout("slow connect"),
-        httpx.PoolTimeout("pool exhausted"),
-        httpx.ReadTimeout("slow answer"),
-        httpx.WriteTimeout("slow send"),
-        httpx.ReadError("connection reset by peer"),
-        httpx.RemoteProtocolError("server disconnected"),
-    ],
-)
-def test_transport_errors_are_classified_as_by_charge(raised: httpx.TransportError) -> None:
-    def fail(request: httpx.Request) -> httpx.Response:
-        raise raised
+class ScriptedGateway:
+    """A real HTTP server on a real socket that answers every request with what `answer` returns
+    (status, body), or closes the connection without a word when it returns None; it keeps what it
+    was sent. For the answers no honest gateway gives, which the sandbox therefore cannot."""
 
+    def __init__(self, answer: Callable[[dict[str, Any]], tuple[int, bytes] | None]) -> None:
+        self.seen: list[dict[str, Any]] = []
+        scripted = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                request = {"method": "POST", "path": self.path, "headers": dict(self.headers), "body": body}
+                scripted.seen.append(request)
+                reply = answer(request)
+                if reply is None:
+                    self.close_connection = True
+                    return
+                status, content = reply
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@contextlib.contextmanager
+def scripted(answer: Callable[[dict[str, Any]], tuple[int, bytes] | None]) -> Iterator[HttpGateway]:
+    server = ScriptedGateway(answer)
+    try:
+        with HttpGateway(server.url, "sk_secret", 1.0, 1.0) as client:
+            client.seen = server.seen  # type: ignore[attr-defined]
+            yield client
+    finally:
+        server.close()
+
+
+def test_a_connection_closed_without_an_answer_is_ambiguous_in_a_batch_as_in_charge() -> None:
     request = ChargeRequest("tok_ok", 1_000, "charge:1:1", "x")
-    with HttpGateway("http://gateway.test", "sk", 1.0, 1.0, transport=httpx.MockTransport(fail)) as client:
+    with scripted(lambda sent: None) as client:
         [outcome] = client.charge_many([request])
         expected = sync_outcome(client, request)
-    assert type(outcome) is type(expected) and str(outcome) == str(expected)
+        assert len(client.seen) == 2  # type: ignore[attr-defined]  # both were sent: it may have charged
+    assert isinstance(outcome, Ambiguous) and isinstance(expected, Ambiguous)
+
+
+def _connector_error() -> aiohttp.ClientConnectorError:
+    key = SimpleNamespace(host="gateway.test", port=443, ssl=False)
+    return aiohttp.ClientConnectorError(key, ConnectionRefusedError(111, "refused"))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected"),
+    [
+        (_connector_error(), Unavailable),
+        (aiohttp.ConnectionTimeoutError("slow connect"), Unavailable),
+        (aiohttp.InvalidURL("gateway.test"), Unavailable),
+        (aiohttp.SocketTimeoutError("slow answer"), Ambiguous),
+        (TimeoutError(), Ambiguous),
+        (aiohttp.ServerDisconnectedError(), Ambiguous),
+        (aiohttp.ClientOSError(104, "connection reset by peer"), Ambiguous),
+        (aiohttp.ClientPayloadError("truncated body"), Ambiguous),
+        (aiohttp.ClientError("something else"), Ambiguous),
+    ],
+)
+def test_aiohttp_failures_are_classified_as_their_httpx_equivalents(
+    raised: aiohttp.ClientError | TimeoutError, expected: type[GatewayError]
+) -> None:
+    # Only a failure before any connection existed is "not sent"; anything later may have charged.
+    outcome = _transport_failure(_as_httpx_error(raised), "POST", "/v1/charges", read_only=False)
+    assert type(outcome) is expected, outcome
+    assert type(raised).__name__ in str(outcome)
 
 
 @pytest.mark.parametrize(
@@ -236,11 +353,8 @@ def test_transport_errors_are_classified_as_by_charge(raised: httpx.TransportErr
     ],
 )
 def test_answers_are_mapped_as_by_charge(status: int, body: bytes, expected: type[GatewayError]) -> None:
-    def answer(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(status, content=body)
-
     request = ChargeRequest("tok_ok", 1_000, "charge:1:1", "x")
-    with HttpGateway("http://gateway.test", "sk", 1.0, 1.0, transport=httpx.MockTransport(answer)) as client:
+    with scripted(lambda sent: (status, body)) as client:
         [outcome] = client.charge_many([request])
         same = sync_outcome(client, request)
     assert isinstance(outcome, expected)
@@ -248,60 +362,53 @@ def test_answers_are_mapped_as_by_charge(status: int, body: bytes, expected: typ
 
 
 def test_the_request_is_the_one_charge_sends() -> None:
-    seen: list[httpx.Request] = []
+    def answer(sent: dict[str, Any]) -> tuple[int, bytes]:
+        key = sent["headers"]["Idempotency-Key"]
+        return 200, json.dumps(
+            {"id": "ch_1", "status": "succeeded", "amount_cents": 1_234, "idempotency_key": key}
+        ).encode()
 
-    def answer(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(
-            200, json={"id": "ch_1", "status": "succeeded", "amount_cents": 1_234, "idempotency_key": "charge:7:2"}
-        )
-
-    transport = httpx.MockTransport(answer)
-    with HttpGateway("http://gateway.test/", "sk_secret", 1.0, 1.0, transport=transport) as client:
-        [batched] = client.charge_many([ChargeRequest("tok_ok", 1_234, "charge:7:2", "CONECTA anual")])
-        single = client.charge("tok_ok", 1_234, "charge:7:2", "CONECTA anual")
+    with scripted(answer) as client:
+        [batched] = client.charge_many([ChargeRequest("tok_ok", 1_234, "charge:7:2", "CONECTA anual ção")])
+        single = client.charge("tok_ok", 1_234, "charge:7:2", "CONECTA anual ção")
+        sent_async, sent_sync = client.seen  # type: ignore[attr-defined]
     assert batched == single
-    sent_async, sent_sync = seen
-    assert sent_async.headers["Idempotency-Key"] == "charge:7:2"
-    assert sent_async.headers["Authorization"] == "Bearer sk_secret"
-    assert (sent_async.method, sent_async.url, sent_async.content) == (
-        sent_sync.method,
-        sent_sync.url,
-        sent_sync.content,
+    assert (sent_async["method"], sent_async["path"], sent_async["body"]) == (
+        sent_sync["method"],
+        sent_sync["path"],
+        sent_sync["body"],
     )
-    assert json.loads(sent_async.content) == {
+    assert json.loads(sent_async["body"]) == {
         "card_token": "tok_ok",
         "amount_cents": 1_234,
-        "description": "CONECTA anual",
+        "description": "CONECTA anual ção",
     }
-    # The same headers, but for the client's name in User-Agent.
-    assert {k: v for k, v in sent_async.headers.items() if k != "user-agent"} == {
-        k: v for k, v in sent_sync.headers.items() if k != "user-agent"
-    }
+    for name in ("Idempotency-Key", "Authorization", "Accept", "Content-Type"):
+        assert sent_async["headers"][name] == sent_sync["headers"][name], name
+    assert sent_async["headers"]["Authorization"] == "Bearer sk_secret"
+    assert sent_async["headers"]["Idempotency-Key"] == "charge:7:2"
 
 
-def test_a_bug_in_one_request_is_ambiguous_for_it_alone() -> None:
-    def answer(request: httpx.Request) -> httpx.Response:
-        body = json.loads(request.content)
-        if body["card_token"] == "tok_bug":
-            raise RuntimeError("a bug in the transport")
-        key = request.headers["Idempotency-Key"]
-        return httpx.Response(
-            200,
-            json={
-                "id": f"ch_{key}",
-                "status": "succeeded",
-                "amount_cents": body["amount_cents"],
-                "idempotency_key": key,
-            },
-        )
+def test_a_bug_in_one_request_is_ambiguous_for_it_alone(
+    running_sandbox: SandboxGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_charge_from = gateways.http._charge_from
 
-    requests = [ChargeRequest(token, 100, f"k{i}", "x") for i, token in enumerate(["tok_ok", "tok_bug", "tok_ok"])]
-    with HttpGateway("http://gateway.test", "sk", 1.0, 1.0, transport=httpx.MockTransport(answer)) as client:
+    def buggy_for_one(response: httpx.Response) -> ChargeResult:
+        result = real_charge_from(response)
+        if result.amount_cents == 101:
+            raise RuntimeError("a bug while reading the answer")
+        return result
+
+    monkeypatch.setattr(gateways.http, "_charge_from", buggy_for_one)
+    requests = [ChargeRequest("tok_ok", amount, new_key(), "x") for amount in (100, 101, 102)]
+    with running_sandbox.client() as client:
         first, bug, last = client.charge_many(requests)
-    assert isinstance(first, ChargeResult) and first.idempotency_key == "k0"
-    assert isinstance(last, ChargeResult) and last.idempotency_key == "k2"
+    assert isinstance(first, ChargeResult) and first.idempotency_key == requests[0].idempotency_key
+    assert isinstance(last, ChargeResult) and last.idempotency_key == requests[2].idempotency_key
     assert isinstance(bug, Ambiguous) and isinstance(bug.__cause__, RuntimeError)
+    # Ambiguous was right: it was charged, so the janitor will find it rather than charge again.
+    assert len(running_sandbox.ledger(idempotency_key=requests[1].idempotency_key)) == 1
 
 
 # --- lifecycle ------------------------------------------------------------------------------------
