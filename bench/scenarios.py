@@ -75,6 +75,25 @@ _DAY_PROGRESS = text(
 )
 
 
+# When each kind of row of the day was written, in seconds from the run's start (database clock, which
+# stamps a transaction's start): where the day's time went, for the closing line of each day.
+_DAY_TIMELINE = text(
+    """
+    SELECT what, extract(epoch FROM first - :started) AS first, extract(epoch FROM last - :started) AS last, n
+    FROM (
+      SELECT 'invoices' AS what, min(created_at) AS first, max(created_at) AS last, count(*) AS n, 1 AS o
+        FROM invoices WHERE created_at >= :started
+      UNION ALL SELECT 'charges settled', min(updated_at), max(updated_at), count(*), 2
+        FROM charges WHERE created_at >= :started AND status = 'succeeded'
+      UNION ALL SELECT 'boletos', min(created_at), max(created_at), count(*), 3
+        FROM boletos WHERE created_at >= :started
+      UNION ALL SELECT 'notices sent', min(sent_at), max(sent_at), count(*), 4
+        FROM notifications WHERE created_at >= :started AND sent_at IS NOT NULL
+    ) AS t ORDER BY o
+    """
+)
+
+
 class Bench:
     def __init__(self, stack: BenchStack, sizes: Sizes, say: Callable[[str], object] = print) -> None:
         from workers.db import get_session_factory
@@ -109,6 +128,13 @@ class Bench:
                 _DAY_PROGRESS, {"renewals": day.renewals, "due": day.renewals + day.boletos, "on": RUN_DATE}
             ).one()
         return row.advanced, row.charged, row.unresolved, row.boletos
+
+    def timeline(self, started: datetime) -> str:
+        with self.sessions() as session:
+            rows = session.execute(_DAY_TIMELINE, {"started": started}).all()
+        return "; ".join(
+            f"{row.what} {row.n:,} at {row.first:.1f}–{row.last:.1f} s" for row in rows if row.first is not None
+        )
 
     def day_done(self, day: Day) -> bool:
         advanced, charged, unresolved, boletos = self.day_progress(day)
@@ -192,10 +218,11 @@ class Bench:
         self.stack.start_gateway(latency_ms=latency_ms)
         self.stack.start_workers()
         try:
-            started = time.perf_counter()
+            started, started_at = time.perf_counter(), datetime.now(UTC)
             self.start_run()
             try:
                 ended = wait_for(lambda: self.day_done(day), self.sizes.timeout_seconds)
+                self.say(f"  {ended - started:.1f} s; {self.timeline(started_at)}")
             except TimedOut:
                 advanced, charged, unresolved, boletos = self.day_progress(day)
                 note = (
@@ -318,6 +345,7 @@ class Bench:
         not_applied = sum(1 for status in statuses.values() if status != "applied")
         if not_applied:
             violations.append(f"{not_applied} change requests not applied")
+        self.say(f"  queued before processing began: {self._queue_wait(list(sent_at))}")
         latencies = sorted(seen_at[i] - sent_at[i] for i in seen_at)
         p95 = latencies[max(0, round(0.95 * len(latencies)) - 1)] if latencies else None
         violations += self.invariants()
@@ -330,6 +358,20 @@ class Bench:
             note=f"{count} card replacements over HTTP; billing chunks still queued at the last: {backlog}"
             + (f"; median {statistics.median(latencies):.2f} s" if latencies else ""),
         )
+
+    def _queue_wait(self, ids: list[int]) -> str:
+        """From a request's recording (created_at) to the start of its processing (processed_at holds
+        the instant its processing began): the time it waited for a worker thread."""
+        with self.sessions() as session:
+            median, p95 = session.execute(
+                text(
+                    "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY w), percentile_cont(0.95) WITHIN GROUP"
+                    " (ORDER BY w) FROM (SELECT extract(epoch FROM processed_at - created_at) AS w"
+                    " FROM change_requests WHERE id = ANY(:ids)) AS waits"
+                ),
+                {"ids": ids},
+            ).one()
+        return "n/a" if median is None else f"median {median:.2f} s, p95 {p95:.2f} s"
 
     def _post_change_requests(self, first_organization: int, count: int) -> tuple[dict[int, float], int]:
         sent_at: dict[int, float] = {}

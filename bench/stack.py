@@ -18,12 +18,16 @@ from pathlib import Path
 import httpx
 import redis
 
+from workers.queues import QUEUES
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = ROOT / ".renova" / "bench"
 GATEWAY_API_KEY = "sk_sandbox"
 # An idle worker asks Redis again after this long (`WORKER_IDLE_POLL_MS`; the demo uses the same):
 # the runs are measured to the last row, so a second of idle polling would be measured too.
 IDLE_POLL_MS = 50
+# The Procfile's `changes` worker: change requests never wait behind a renewal backlog.
+CHANGES_THREADS = 4
 
 
 class BenchError(RuntimeError):
@@ -157,35 +161,49 @@ class BenchStack:
         self._stop("web")
 
     def start_workers(self) -> None:
-        """`renova worker`'s command (`dramatiq workers.broker`, same processes, threads and idle poll),
-        plus bench.actors for the floor's no-op actor: one setup for the floor and for the runs.
-        Redis is flushed first, so that no message or heartbeat of an earlier scenario is left."""
+        """The Procfile's workers, with `renova worker`'s command (`dramatiq workers.broker`, same idle
+        poll): `worker` (every queue but `changes`, `processes` × `threads`, plus bench.actors for the
+        floor's no-op actor: one setup for the floor and for the runs) and `changes` (1 × 4). Redis is
+        flushed first, so that no message or heartbeat of an earlier scenario is left."""
         self.stop_workers()
         redis.Redis.from_url(self.redis_url).flushdb()
+        environment = {"dramatiq_worker_timeout": str(IDLE_POLL_MS)}
         self._spawn(
             "worker",
             ["-m", "dramatiq", "workers.broker", "bench.actors",
-             "--processes", str(self.processes), "--threads", str(self.threads)],
-            {"dramatiq_worker_timeout": str(IDLE_POLL_MS)},
+             "--processes", str(self.processes), "--threads", str(self.threads),
+             "--queues", *(queue for queue in QUEUES if queue != "changes")],
+            environment,
+        )  # fmt: skip
+        self._spawn(
+            "changes",
+            ["-m", "dramatiq", "workers.broker", "--processes", "1", "--threads", str(CHANGES_THREADS),
+             "--queues", "changes"],
+            environment,
         )  # fmt: skip
         client = redis.Redis.from_url(self.redis_url)
         deadline = time.monotonic() + 60
-        while client.zcard("dramatiq:__heartbeats__") < self.processes:
+        while client.zcard("dramatiq:__heartbeats__") < self.processes + 1:
             self._check_alive("worker")
+            self._check_alive("changes")
             if time.monotonic() > deadline:
                 raise BenchError(f"the workers did not start; see {self.logs / 'worker.log'}")
             time.sleep(0.1)
 
     def stop_workers(self) -> None:
         self._stop("worker")
+        self._stop("changes")
 
     def worker_peak_rss_mb(self) -> list[float]:
-        """Peak resident memory (VmHWM) of each worker process: the children of Dramatiq's main process."""
-        process = self._running.get("worker")
-        if process is None:
-            return []
+        """Peak resident memory (VmHWM) of each worker process: the children of Dramatiq's main processes."""
         peaks = []
-        for pid in _descendants(process.pid):
+        pids = [
+            child
+            for name in ("worker", "changes")
+            if name in self._running
+            for child in _descendants(self._running[name].pid)
+        ]
+        for pid in pids:
             with contextlib.suppress(OSError):
                 for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                     if line.startswith("VmHWM:"):

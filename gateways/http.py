@@ -64,7 +64,7 @@ Outcome = ChargeResult | GatewayError
 # Failures that happen before any byte of the request can have reached the gateway.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
 
-DEFAULT_MAX_IN_FLIGHT = 64
+DEFAULT_MAX_IN_FLIGHT = 128
 # Drop idle connections before a server's usual 5 s keep-alive would: reusing one the server is
 # closing fails after sending, which we would have to treat as ambiguous.
 KEEPALIVE_EXPIRY = 4.0

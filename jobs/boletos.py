@@ -9,7 +9,7 @@ same request. A payment never gets lost: money for an invoice that no longer tak
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -17,7 +17,7 @@ from typing import Any
 import dramatiq
 from sqlalchemy import ColumnElement, select
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 import jobs
 from gateways.base import (
@@ -35,7 +35,7 @@ from gateways.base import (
 from jobs import clock
 from jobs.context import BillingConfig, current_session, runtime
 from jobs.invoicing import apply_credit, lock_subscription, mark_invoice_paid
-from jobs.notifications import notify
+from jobs.notifications import NoticeSpec, notify_many
 from jobs.outbox import send_after_commit
 from jobs.retries import STANDARD
 from jobs.work_attempts import GATEWAY_EVENT, failures_recorded
@@ -254,103 +254,142 @@ def issue_boleto(session: Session, gateway: Gateway, invoice_id: int, *, config:
 def issue_boletos(
     session: Session, gateway: Gateway, invoice_ids: Sequence[int], *, config: BillingConfig
 ) -> dict[int, Boleto | GatewayError | None]:
-    """`issue_boleto` for many invoices, their gateway calls sent together (`issue_boleto_many`): per
-    invoice, the live boleto, None, or the error the gateway gave for that one alone. Commits."""
-    outcomes: dict[int, Boleto | GatewayError | None] = {}
+    """`issue_boleto` for many invoices as a set: read in a few statements, the gateway calls sent
+    together (`issue_boleto_many`), the answers recorded in one transaction. Per invoice: the live
+    boleto, None, or the error the gateway gave for that one alone. Commits."""
+    ids = list(dict.fromkeys(invoice_ids))
+    outcomes: dict[int, Boleto | GatewayError | None] = dict.fromkeys(ids)
     to_issue: dict[int, _BoletoToIssue] = {}
-    for invoice_id in dict.fromkeys(invoice_ids):
-        prepared = _prepare_boleto(session, invoice_id, config)
+    for invoice_id, prepared in _prepare_boletos(session, ids, config).items():
         if isinstance(prepared, _BoletoToIssue):
             to_issue[invoice_id] = prepared
         else:
             outcomes[invoice_id] = prepared
     session.commit()
+    if not to_issue:
+        return outcomes
 
     answers = issue_boleto_many(gateway, [prepared.issue for prepared in to_issue.values()])
+    issued: dict[int, tuple[_BoletoToIssue, BoletoIssued]] = {}
     for (invoice_id, prepared), answer in zip(to_issue.items(), answers, strict=True):
         if isinstance(answer, GatewayError):
             outcomes[invoice_id] = answer
-            continue
-        outcomes[invoice_id] = _record_boleto(session, invoice_id, prepared, answer)
-        session.commit()
+        else:
+            issued[invoice_id] = (prepared, answer)
+    outcomes.update(_record_boletos(session, issued))
+    session.commit()
     return outcomes
 
 
-def _prepare_boleto(session: Session, invoice_id: int, config: BillingConfig) -> _BoletoToIssue | Boleto | None:
-    """The request for an invoice's missing boleto; or its live boleto, or None when it needs none."""
-    invoice = session.get(Invoice, invoice_id, populate_existing=True)
-    if invoice is None or invoice.status != InvoiceStatus.OPEN or invoice.method != PaymentMethod.BOLETO:
-        return None
-    boletos = session.scalars(select(Boleto).where(Boleto.invoice_id == invoice_id).order_by(Boleto.sequence)).all()
-    live = next((boleto for boleto in boletos if boleto.status in LIVE_BOLETO), None)
-    if live is not None:
-        return live
-    previous = boletos[-1] if boletos else None
-    sequence = previous.sequence + 1 if previous else 1
-    if previous is None:
-        due_date = invoice.due_date
-    else:
-        replaced_on = previous.replaced_on or local_today(previous.created_at, config.timezone)
-        due_date = replaced_on + timedelta(days=config.boleto_due_days)
-    organization = invoice.subscription.organization
-    request = BoletoRequest(
-        invoice_id=invoice.id, amount_cents=invoice.total_cents, description=boleto_description(invoice)
-    )
-    payer = Payer(name=organization.name, document=organization.document or "", email=None)
-    issue = BoletoIssue(request, payer, due_date, boleto_idempotency_key(invoice_id, sequence))
-    return _BoletoToIssue(issue, sequence, previous.overdue_on if previous else None)
+def _prepare_boletos(
+    session: Session, invoice_ids: Sequence[int], config: BillingConfig
+) -> dict[int, _BoletoToIssue | Boleto | None]:
+    """Per invoice, the request for its missing boleto; or its live boleto, or None when it needs none."""
+    invoices = session.scalars(
+        select(Invoice)
+        .where(Invoice.id.in_(invoice_ids))
+        .options(joinedload(Invoice.subscription).joinedload(Subscription.organization))
+        .execution_options(populate_existing=True)
+    ).all()
+    by_invoice: dict[int, list[Boleto]] = {invoice_id: [] for invoice_id in invoice_ids}
+    for boleto in session.scalars(
+        select(Boleto).where(Boleto.invoice_id.in_(invoice_ids)).order_by(Boleto.invoice_id, Boleto.sequence)
+    ):
+        by_invoice[boleto.invoice_id].append(boleto)
 
-
-def _record_boleto(session: Session, invoice_id: int, prepared: _BoletoToIssue, issued: BoletoIssued) -> Boleto | None:
-    """Record what the gateway issued, and its notice; cancel it there when the invoice was voided meanwhile."""
-    # The invoice may have been voided (a cycle change, a cancellation) while the gateway answered.
-    invoice = session.scalar(
-        select(Invoice).where(Invoice.id == invoice_id).with_for_update().execution_options(populate_existing=True)
-    )
-    assert invoice is not None
-    still_wanted = invoice.status == InvoiceStatus.OPEN
-    if not still_wanted:
-        status = BoletoStatus.CANCELED
-    elif prepared.overdue_on is not None:
-        status = BoletoStatus.OVERDUE
-    else:
-        status = BoletoStatus.ISSUED
-    boleto_id = session.scalar(
-        insert(Boleto)
-        .values(
-            invoice_id=invoice_id,
-            sequence=prepared.sequence,
-            gateway_id=issued.gateway_id,
-            nosso_numero=issued.nosso_numero,
-            barcode=issued.barcode,
-            digitable_line=issued.digitable_line,
-            amount_cents=issued.amount_cents,
-            due_date=issued.due_date,
-            status=status,
-            overdue_on=prepared.overdue_on,
+    prepared: dict[int, _BoletoToIssue | Boleto | None] = dict.fromkeys(invoice_ids)
+    for invoice in invoices:
+        if invoice.status != InvoiceStatus.OPEN or invoice.method != PaymentMethod.BOLETO:
+            continue
+        boletos = by_invoice[invoice.id]
+        live = next((boleto for boleto in boletos if boleto.status in LIVE_BOLETO), None)
+        if live is not None:
+            prepared[invoice.id] = live
+            continue
+        previous = boletos[-1] if boletos else None
+        sequence = previous.sequence + 1 if previous else 1
+        if previous is None:
+            due_date = invoice.due_date
+        else:
+            replaced_on = previous.replaced_on or local_today(previous.created_at, config.timezone)
+            due_date = replaced_on + timedelta(days=config.boleto_due_days)
+        organization = invoice.subscription.organization
+        request = BoletoRequest(
+            invoice_id=invoice.id, amount_cents=invoice.total_cents, description=boleto_description(invoice)
         )
-        .on_conflict_do_nothing()
-        .returning(Boleto.id)
-    )
-    if boleto_id is None:  # recorded meanwhile by a concurrent attempt with the same key
-        return live_boleto(session, invoice_id)
-    if not still_wanted:
-        # Recorded all the same, so a payment of it is recognised (and becomes credit).
-        send_after_commit(session, cancel_boleto_at_gateway, issued.gateway_id)
-        return None
-    boleto = session.get_one(Boleto, boleto_id)
-    notify(
-        session,
-        organization_id=invoice.organization_id,
-        subscription_id=invoice.subscription_id,
-        kind="boleto_issued",
-        dedupe_key=f"boleto_issued:{boleto_id}",
-        context={
-            **boleto_notice(invoice, boleto),
-            "purpose": BoletoPurpose.REISSUE if prepared.sequence > 1 else BOLETO_PURPOSES[invoice.kind],
-        },
-    )
-    return boleto
+        payer = Payer(name=organization.name, document=organization.document or "", email=None)
+        issue = BoletoIssue(request, payer, due_date, boleto_idempotency_key(invoice.id, sequence))
+        prepared[invoice.id] = _BoletoToIssue(issue, sequence, previous.overdue_on if previous else None)
+    return prepared
+
+
+def _record_boletos(
+    session: Session, issued: Mapping[int, tuple[_BoletoToIssue, BoletoIssued]]
+) -> dict[int, Boleto | None]:
+    """Record what the gateway issued, in one insert, and the notices of the new ones. A boleto whose
+    invoice was voided while the gateway answered (a cycle change, a cancellation) is recorded
+    canceled all the same, so that a payment of it is recognised (and becomes credit), and is
+    cancelled at the gateway."""
+    if not issued:
+        return {}
+    invoices = {
+        invoice.id: invoice
+        for invoice in session.scalars(
+            select(Invoice)
+            .where(Invoice.id.in_(issued))
+            .order_by(Invoice.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    }
+    rows = []
+    for invoice_id, (prepared, answer) in issued.items():
+        if invoices[invoice_id].status != InvoiceStatus.OPEN:
+            status = BoletoStatus.CANCELED
+        elif prepared.overdue_on is not None:
+            status = BoletoStatus.OVERDUE
+        else:
+            status = BoletoStatus.ISSUED
+        rows.append(
+            {
+                "invoice_id": invoice_id,
+                "sequence": prepared.sequence,
+                "gateway_id": answer.gateway_id,
+                "nosso_numero": answer.nosso_numero,
+                "barcode": answer.barcode,
+                "digitable_line": answer.digitable_line,
+                "amount_cents": answer.amount_cents,
+                "due_date": answer.due_date,
+                "status": status,
+                "overdue_on": prepared.overdue_on,
+            }
+        )
+    new_ids = session.scalars(insert(Boleto).values(rows).on_conflict_do_nothing().returning(Boleto.id)).all()
+    new = {boleto.invoice_id: boleto for boleto in session.scalars(select(Boleto).where(Boleto.id.in_(new_ids)))}
+
+    recorded: dict[int, Boleto | None] = {}
+    notices = []
+    for invoice_id, (prepared, answer) in issued.items():
+        invoice, boleto = invoices[invoice_id], new.get(invoice_id)
+        if boleto is None:  # recorded meanwhile by a concurrent attempt with the same key
+            recorded[invoice_id] = live_boleto(session, invoice_id)
+        elif boleto.status == BoletoStatus.CANCELED:
+            send_after_commit(session, cancel_boleto_at_gateway, answer.gateway_id)
+            recorded[invoice_id] = None
+        else:
+            recorded[invoice_id] = boleto
+            purpose = BoletoPurpose.REISSUE if prepared.sequence > 1 else BOLETO_PURPOSES[invoice.kind]
+            notices.append(
+                NoticeSpec(
+                    organization_id=invoice.organization_id,
+                    subscription_id=invoice.subscription_id,
+                    kind="boleto_issued",
+                    dedupe_key=f"boleto_issued:{boleto.id}",
+                    context={**boleto_notice(invoice, boleto), "purpose": purpose},
+                )
+            )
+    notify_many(session, notices)
+    return recorded
 
 
 def boleto_description(invoice: Invoice) -> str:

@@ -88,6 +88,9 @@ jobs.require_broker()
 _T = TypeVar("_T")
 
 QUEUE: Final = "notifications"
+# After the daily run's chunks (billing_day.BACKLOG_PRIORITY = 100; Dramatiq takes lower numbers first):
+# on a worker with a renewal backlog, the money is recorded first and its e-mail follows.
+PRIORITY: Final = 200
 # Notices per `send_notifications` message: one SMTP connection each, and short enough to finish
 # well inside the actor's time limit even against a slow server.
 BATCH_SIZE: Final = 100
@@ -335,13 +338,13 @@ def _deliver(notification_ids: Sequence[int]) -> BatchResult:
     return result
 
 
-@dramatiq.actor(queue_name=QUEUE, **STANDARD)
+@dramatiq.actor(queue_name=QUEUE, priority=PRIORITY, **STANDARD)
 def send_notifications(notification_ids: list[int]) -> None:
     """Deliver a batch of notices over one SMTP connection, each at most once."""
     _deliver(notification_ids)
 
 
-@dramatiq.actor(queue_name=QUEUE, **STANDARD)
+@dramatiq.actor(queue_name=QUEUE, priority=PRIORITY, **STANDARD)
 def send_notification(notification_id: int) -> None:
     """Deliver one notice: the messages of earlier versions, and operators' retries."""
     _deliver([notification_id])

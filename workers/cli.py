@@ -111,8 +111,24 @@ def worker(
     processes: int | None = typer.Option(None, help="Worker processes (default WORKER_PROCESSES)."),
     threads: int | None = typer.Option(None, help="Threads per process (default WORKER_THREADS)."),
     queues: list[str] | None = typer.Option(None, "--queue", "-Q", help="Only these queues (repeatable)."),
+    except_queues: list[str] | None = typer.Option(
+        None,
+        "--except-queue",
+        "-X",
+        help="Every queue but these (repeatable), e.g. -X changes beside a -Q changes worker.",
+    ),
 ) -> None:
     """Run the Dramatiq workers (the `worker` process)."""
+    from workers.queues import QUEUES
+
+    if queues and except_queues:
+        fail("give either --queue or --except-queue, not both", code=2)
+    if unknown := sorted((set(queues or []) | set(except_queues or [])) - set(QUEUES)):
+        fail(f"unknown queue {', '.join(unknown)}: the queues are {', '.join(QUEUES)}", code=2)
+    if except_queues:
+        queues = [queue for queue in QUEUES if queue not in except_queues]
+        if not queues:
+            fail("--except-queue leaves no queue to consume", code=2)
     settings = get_settings()
     refuse_test_clock_at_start()
     args = [

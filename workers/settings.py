@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     gateway_read_timeout: float = Field(10.0, gt=0, alias="GATEWAY_READ_TIMEOUT")
     # Charges a worker process keeps at the gateway at once (over all its threads): at 200–800 ms per
     # answer, this, not the thread count, is what bounds a process's charging rate.
-    gateway_max_in_flight: int = Field(64, ge=1, le=1000, alias="GATEWAY_MAX_IN_FLIGHT")
+    gateway_max_in_flight: int = Field(128, ge=1, le=1000, alias="GATEWAY_MAX_IN_FLIGHT")
 
     api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field((), alias="RENOVA_API_KEYS")
     # Signs the console's session cookies; the default is for development and is refused in production.

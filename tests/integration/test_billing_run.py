@@ -522,3 +522,53 @@ def test_chunks_add_their_counts_per_task_and_keep_the_latest_failed_ids(session
     assert (tasks["renew"].done, tasks["renew"].failed, tasks["renew"].failed_ids) == (5, 2, (41, 42))
     kept = tasks["retry_charges"].failed_ids
     assert len(kept) == FAILED_IDS_KEPT and kept[0] == 11 and kept[-1] == FAILED_IDS_KEPT + 10
+
+
+def test_boletos_are_issued_as_a_set_each_invoice_getting_its_own_outcome(session, billing_gateway):
+    from gateways.base import GatewayRejected
+    from jobs.boletos import issue_boletos
+
+    seed_plans(session)
+    anchor = date(2027, 3, 10)
+    organizations = [make_organization(session, n, card_token=None) for n in (1, 2, 3, 4)]
+    organizations[3].document = None  # the gateway refuses a boleto without CPF/CNPJ
+    live, voided, expired, refused = (
+        make_subscription(session, organization, cycle="annual", method="boleto", anchor=anchor)
+        for organization in organizations
+    )
+    session.commit()
+    on = date(2028, 3, 3)
+    run_day(session, billing_gateway, on, noon(on), runtime().config)
+
+    def invoice_of(subscription: Subscription) -> Invoice:
+        return session.scalars(
+            select(Invoice).where(Invoice.subscription_id == subscription.id, Invoice.kind == "renewal")
+        ).one()
+
+    first = {s.id: session.scalars(select(Boleto).join(Invoice).where(Invoice.subscription_id == s.id)).all()
+             for s in (live, voided, expired, refused)}  # fmt: skip
+    assert [len(first[s.id]) for s in (live, voided, expired, refused)] == [1, 1, 1, 0]
+    invoice_of(voided).status = "void"
+    gone = first[expired.id][0]
+    gone.status, gone.replaced_on = "expired", date(2028, 3, 20)
+    session.commit()
+    ids = [invoice_of(s).id for s in (live, voided, expired, refused)]
+    notices_before = session.scalar(select(func.count()).select_from(Notification))
+
+    outcomes = issue_boletos(session, billing_gateway, [*ids, ids[0]], config=runtime().config)
+
+    assert list(outcomes) == ids
+    assert outcomes[ids[0]].id == first[live.id][0].id  # already live: no second call
+    assert outcomes[ids[1]] is None  # voided: needs none
+    segunda_via = outcomes[ids[2]]
+    assert (segunda_via.sequence, segunda_via.status) == (2, "issued")
+    assert segunda_via.due_date == date(2028, 3, 20) + timedelta(days=runtime().config.boleto_due_days)
+    assert isinstance(outcomes[ids[3]], GatewayRejected)
+    kinds = session.scalars(select(Notification.dedupe_key).order_by(Notification.id).offset(notices_before)).all()
+    assert kinds == [f"boleto_issued:{segunda_via.id}"]
+
+    # Again: nothing more is issued or announced.
+    again = issue_boletos(session, billing_gateway, ids, config=runtime().config)
+    assert again[ids[2]].id == segunda_via.id
+    assert session.scalar(select(func.count()).select_from(Boleto)) == 4
+    assert session.scalar(select(func.count()).select_from(Notification)) == notices_before + 1

@@ -112,3 +112,34 @@ def test_scheduler_process_bills_todays_renewals_with_a_worker(session, worker, 
     assert scheduler.returncode == 0, output
     assert "tick every 0.3s" in output
     assert session.scalar(select(BillingRun.run_date)) == today
+
+
+def test_a_worker_can_leave_the_changes_queue_to_a_worker_of_its_own(broker):
+    # `renova worker` execs Dramatiq in the same process: its command line says which queues it consumes.
+    import time
+    from pathlib import Path
+
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "renova"), "worker", "-X", "changes", "--processes", "1", "--threads", "1"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        command: list[str] = []
+        while time.monotonic() < deadline and "dramatiq" not in command:
+            command = Path(f"/proc/{process.pid}/cmdline").read_bytes().decode().split("\0")
+            time.sleep(0.05)
+        queues = command[command.index("--queues") + 1 :]
+        assert [queue for queue in queues if queue] == ["billing", "payments", "notifications"]
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def test_worker_queue_options_are_checked():
+    both = renova("worker", "-Q", "changes", "-X", "billing")
+    assert both.returncode == 2 and "either --queue or --except-queue" in both.stdout + both.stderr
+    unknown = renova("worker", "-X", "change")
+    assert unknown.returncode == 2 and "unknown queue change" in unknown.stdout + unknown.stderr

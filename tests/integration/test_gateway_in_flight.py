@@ -110,7 +110,7 @@ def test_200_slow_charges_are_in_flight_together(running_sandbox: SandboxGateway
     seen = probe(running_sandbox, name)
     assert seen["requests"] == 200 and seen["in_flight"] == 0
     # One at a time would be 1; the bound is reached, never passed (a few may trail while the last
-    # connections open, hence not an exact 64).
+    # connections open, hence not exactly the bound).
     assert DEFAULT_MAX_IN_FLIGHT // 2 <= seen["max_in_flight"] <= DEFAULT_MAX_IN_FLIGHT, seen
     charged = [entry["idempotency_key"] for entry in running_sandbox.ledger(kind="charge")]
     keys = {request.idempotency_key for request in requests}

@@ -382,14 +382,22 @@ class VoidsDuringTheCall:
     def __getattr__(self, name: str):
         return getattr(self.gateway, name)
 
+    def issue_boleto_many(self, issues):
+        issued = self.gateway.issue_boleto_many(issues)
+        self._change_to_monthly()
+        return issued
+
     def issue_boleto(self, *args, **kwargs):
         issued = self.gateway.issue_boleto(*args, **kwargs)
+        self._change_to_monthly()
+        return issued
+
+    def _change_to_monthly(self) -> None:
         from workers.db import get_session_factory
 
         with get_session_factory()() as other:
             body = payload("billing_cycle", self.subscription_id, to_cycle="monthly")
             assert submit(other, self.gateway, body, self.on).status == "applied"
-        return issued
 
 
 def test_a_boleto_issued_for_an_invoice_voided_meanwhile_is_cancelled_and_not_announced(
