@@ -107,6 +107,13 @@ class Plan(Base):
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
 
+# Written as `jobs.billing_day.scan_renewal_notices` writes its filter, so that PostgreSQL proves the
+# query implies it.
+RENEWAL_NOTICE_WHERE = (
+    "status <> 'canceled' AND status <> 'suspended' AND cycle = 'annual' AND cancel_at_period_end IS FALSE"
+)
+
+
 class Subscription(Timestamped, Base):
     __tablename__ = "subscriptions"
     __table_args__ = (
@@ -132,6 +139,13 @@ class Subscription(Timestamped, Base):
             "ix_subscriptions_renewal_due",
             "current_period_end",
             postgresql_where=text("status <> 'canceled'"),
+        ),
+        # The renewal-notice scan: annual subscriptions that will renew. Without it the notice window
+        # (30 days) would be read through the renewal index, which also holds every monthly subscription.
+        Index(
+            "ix_subscriptions_renewal_notice",
+            "current_period_end",
+            postgresql_where=text(RENEWAL_NOTICE_WHERE),
         ),
         # The boleto scan: annual subscriptions whose effective method is boleto.
         Index(

@@ -348,7 +348,7 @@ def test_the_scans_use_their_indexes(session):
         "renew": "ix_subscriptions_renewal_due",
         "retry_charges": "ix_charges_retry_due",
         "boletos_overdue": "ix_boletos_awaiting_overdue",
-        "renewal_notices": "ix_subscriptions_renewal_due",
+        "renewal_notices": "ix_subscriptions_renewal_notice",
     }
     on = date(2026, 1, 20)
     for name, index in expected.items():
