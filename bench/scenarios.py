@@ -16,7 +16,7 @@ import redis
 from sqlalchemy import text
 
 from bench.invariants import check_invariants
-from bench.report import Result, Target
+from bench.report import Result, Target, cores
 from bench.seed import RUN_DATE, Day, reset_database, seed_day
 from bench.stack import GATEWAY_API_KEY, BenchStack
 from gateways.base import ChargeRequest, ChargeResult
@@ -219,11 +219,12 @@ class Bench:
         self.stack.start_gateway(latency_ms=latency_ms)
         self.stack.start_workers()
         try:
-            started, started_at = time.perf_counter(), datetime.now(UTC)
+            started, started_at, cpu_before = time.perf_counter(), datetime.now(UTC), self.stack.cpu_seconds()
             self.start_run()
             try:
                 ended = wait_for(lambda: self.day_done(day), self.sizes.timeout_seconds)
                 self.say(f"  {ended - started:.1f} s; {self.timeline(started_at)}")
+                self.say(f"  {self._cpu_used(cpu_before, ended - started)}")
             except TimedOut:
                 advanced, charged, unresolved, boletos = self.day_progress(day)
                 note = (
@@ -258,6 +259,13 @@ class Bench:
                 note="during the renewal day; " + ", ".join(f"{peak:.0f}" for peak in sorted(peaks, reverse=True)),
             )
         return line, memory
+
+    def _cpu_used(self, before: dict[str, float], elapsed: float) -> str:
+        """Where the day's CPU went, against what the machine's cores could give in that time."""
+        after = self.stack.cpu_seconds()
+        used = {name: after[name] - before.get(name, 0.0) for name in after}
+        parts = ", ".join(f"{name} {seconds:.1f}" for name, seconds in sorted(used.items(), key=lambda i: -i[1]))
+        return f"CPU seconds: {parts}; total {sum(used.values()):.1f} of {cores() * elapsed:.1f} ({cores()} cores)"
 
     @staticmethod
     def _day_target(slow: bool) -> Target:

@@ -194,6 +194,19 @@ class BenchStack:
         self._stop("worker")
         self._stop("changes")
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time used so far by each part of the stack (a live process's, and its reaped children's):
+        where a measured run's CPU went, on machines where every part shares the same cores."""
+        used = {name: tree_cpu_seconds(process.pid) for name, process in self._running.items()}
+        postmaster = self.root / "postgres" / "postmaster.pid"
+        with contextlib.suppress(OSError, ValueError):
+            used["postgres"] = tree_cpu_seconds(int(postmaster.read_text().split()[0]))
+        sink = self.root / "smtp" / "pid"
+        with contextlib.suppress(OSError, ValueError):
+            used["mail sink"] = tree_cpu_seconds(int(sink.read_text()))
+        used["benchmark"] = _cpu_seconds(os.getpid(), reaped=False)
+        return used
+
     def worker_peak_rss_mb(self) -> list[float]:
         """Peak resident memory (VmHWM) of each worker process: the children of Dramatiq's main processes."""
         peaks = []
@@ -209,6 +222,24 @@ class BenchStack:
                     if line.startswith("VmHWM:"):
                         peaks.append(int(line.split()[1]) / 1024)
         return peaks
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int, *, reaped: bool) -> float:
+    """CPU time of a process (user + system), with that of its children it has waited for when `reaped`."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    utime, stime, cutime, cstime = (int(value) for value in fields[11:15])
+    return (utime + stime + (cutime + cstime if reaped else 0)) / _TICKS
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and everything under it, ended children included (once reaped)."""
+    return _cpu_seconds(pid, reaped=True) + sum(_cpu_seconds(child, reaped=True) for child in _descendants(pid))
 
 
 def _descendants(pid: int) -> list[int]:

@@ -226,7 +226,12 @@ def scan_renewal_notices(on: date, config: BillingConfig) -> Select[Any]:
 TASKS: dict[str, Task] = {
     task.name: task
     for task in (
-        Task("issue_boletos", scan_boletos_to_issue, renewals.issue_renewal_boleto),
+        Task(
+            "issue_boletos",
+            scan_boletos_to_issue,
+            renewals.issue_renewal_boleto,
+            handle_many=renewals.issue_renewal_boletos,
+        ),
         Task("renew", scan_renewals, renewals.renew, handle_many=renewals.renew_many),
         Task("retry_charges", scan_card_retries, renewals.retry_charge),
         Task("boletos_overdue", scan_boletos_overdue, dunning.mark_boleto_overdue, keep_overdue),

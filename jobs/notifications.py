@@ -24,7 +24,7 @@ Rendering lives in `jobs.notice_rendering`, sending in `jobs.notice_delivery`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Final, TypeVar
@@ -182,11 +182,15 @@ def _unexpected_values(kind: str, context: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def validate_context(kind: str, context: Mapping[str, Any]) -> dict[str, Any]:
+def validate_context(
+    kind: str, context: Mapping[str, Any], *, rendered_shapes: set[Hashable] | None = None
+) -> dict[str, Any]:
     """The context as stored (dates as ISO strings), or ValueError naming what is wrong with it.
 
     Besides the required keys, the notice is rendered once here, so a value of the wrong type is
-    refused while the caller can still fix it instead of failing later in the worker.
+    refused while the caller can still fix it instead of failing later in the worker. Given
+    `rendered_shapes` (a batch's), a context of a shape already rendered — the same kind, keys and
+    types of values — is not rendered again: a renewal day's receipts differ only in their values.
     """
     if kind not in CONTEXT_KEYS:
         raise ValueError(f"unknown notification kind {kind!r}; expected one of {', '.join(KINDS)}")
@@ -197,11 +201,25 @@ def validate_context(kind: str, context: Mapping[str, Any]) -> dict[str, Any]:
     unexpected = _unexpected_values(kind, stored)
     if unexpected:
         raise ValueError(f"{kind}: unexpected context values: {'; '.join(unexpected)}")
+    shape = (kind, _shape(stored))
+    if rendered_shapes is not None and shape in rendered_shapes:
+        return stored
     try:
         render(Notification(kind=kind, context=stored, recipients=[]), "Organização")
     except (jinja2.TemplateError, TypeError, ValueError, AttributeError, KeyError) as exc:
         raise ValueError(f"{kind}: the context does not render: {exc}") from exc
+    if rendered_shapes is not None:
+        rendered_shapes.add(shape)
     return stored
+
+
+def _shape(value: Any) -> Hashable:
+    """What rendering can depend on besides the values themselves: keys, and the types of values."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(key), _shape(item)) for key, item in value.items()))
+    if isinstance(value, list | tuple):
+        return ("list", tuple(_shape(item) for item in value))
+    return type(value).__name__
 
 
 def _json_friendly(value: Any) -> Any:
@@ -231,7 +249,7 @@ class NoticeSpec:
     recipients: Sequence[str] | None = None
 
 
-def _row(notice: NoticeSpec) -> dict[str, Any]:
+def _row(notice: NoticeSpec, rendered_shapes: set[Hashable]) -> dict[str, Any]:
     """The row to insert, or ValueError naming what is wrong with the notice."""
     if not notice.dedupe_key or len(notice.dedupe_key) > 255:
         raise ValueError("dedupe_key must be 1 to 255 characters")
@@ -241,7 +259,7 @@ def _row(notice: NoticeSpec) -> dict[str, Any]:
         "kind": notice.kind,
         "dedupe_key": notice.dedupe_key,
         "recipients": [address.strip() for address in notice.recipients or [] if address and address.strip()],
-        "context": validate_context(notice.kind, notice.context),
+        "context": validate_context(notice.kind, notice.context, rendered_shapes=rendered_shapes),
     }
 
 
@@ -253,7 +271,8 @@ def notify_many(session: Session, notices: Sequence[NoticeSpec]) -> list[int]:
     delivery is enqueued in batches of BATCH_SIZE once that transaction commits (never before: the
     rows must exist), and the scheduler's tick re-enqueues any notice whose message was lost.
     """
-    rows = [_row(notice) for notice in notices]
+    rendered_shapes: set[Hashable] = set()
+    rows = [_row(notice, rendered_shapes) for notice in notices]
     # A key repeated within the call is the same notice: the first one is written, as across calls.
     unique: dict[str, dict[str, Any]] = {}
     for row in rows:

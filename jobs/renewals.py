@@ -75,6 +75,21 @@ class Work(GatewayWork):
 
 def issue_renewal_boleto(session: Session, subscription_id: int, work: Work) -> None:
     """Create the next renewal's invoice (price − credit) and issue its boleto, once."""
+    invoice_renewal_boleto(session, subscription_id, work)
+    queue_missing_boletos(session, [subscription_id], work)
+
+
+def issue_renewal_boletos(session: Session, subscription_ids: Sequence[int], work: Work) -> list[int]:
+    """`issue_renewal_boleto` for a chunk: each invoice on its own, then the chunk's boletos to issue
+    found in one query. Leaves nothing for the per-row handler."""
+    for subscription_id in subscription_ids:
+        invoice_renewal_boleto(session, subscription_id, work)
+    queue_missing_boletos(session, subscription_ids, work)
+    return []
+
+
+def invoice_renewal_boleto(session: Session, subscription_id: int, work: Work) -> None:
+    """Create the next renewal's boleto invoice (price − credit) when it is due and not created yet."""
     subscription = lock_subscription(session, subscription_id)
     if subscription is None:
         return
@@ -101,13 +116,12 @@ def issue_renewal_boleto(session: Session, subscription_id: int, work: Work) -> 
             work.done += 1
             if invoice.total_cents == 0:
                 mark_invoice_paid(session, invoice, paid_on=work.on, now=work.now, amount_cents=0, source="crédito")
-    queue_missing_boletos(session, subscription_id, work)
 
 
-def queue_missing_boletos(session: Session, subscription_id: int, work: Work) -> None:
-    """Every open boleto invoice of the subscription without its boleto (new, or an interrupted issue)."""
+def queue_missing_boletos(session: Session, subscription_ids: Sequence[int], work: Work) -> None:
+    """Every open boleto invoice of these subscriptions without its boleto (new, or an interrupted issue)."""
     missing = session.scalars(
-        select(Invoice.id).where(Invoice.subscription_id == subscription_id, *awaiting_boleto())
+        select(Invoice.id).where(Invoice.subscription_id.in_(subscription_ids), *awaiting_boleto()).order_by(Invoice.id)
     ).all()
     work.boleto_invoices.extend(missing)
 
@@ -179,7 +193,7 @@ def renew(session: Session, subscription_id: int, work: Work) -> None:
             if charge is not None:
                 work.charges.append(prepare(charge))
     if invoice.method == PaymentMethod.BOLETO:
-        queue_missing_boletos(session, subscription.id, work)
+        queue_missing_boletos(session, [subscription.id], work)
 
 
 # Off: every renewal goes through `renew` one by one (the reference path; the equivalence tests compare both).

@@ -3,7 +3,10 @@ every worker process; any other process that sends messages imports it too."""
 
 from __future__ import annotations
 
-from functools import lru_cache
+import threading
+from collections.abc import Callable
+from functools import wraps
+from typing import TypeVar
 
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
@@ -26,6 +29,8 @@ from workers.mail import mailer_from_settings
 from workers.middleware import DatabaseSession, DeadLetterErrors
 from workers.queues import QUEUES
 from workers.settings import Settings, get_settings
+
+T = TypeVar("T")
 
 # Dramatiq's default is 20 retries over about a month; billing work is retried briefly and then
 # parked in the dead-letter queue for a person to look at. Actors narrow this further.
@@ -92,15 +97,34 @@ def build_broker(redis_url: str, worker_metrics_port: int | None = None) -> Redi
     return broker
 
 
-@lru_cache(maxsize=1)
+def _once(build: Callable[[], T]) -> Callable[[], T]:
+    """`build`'s result, built by the first caller only: a worker's threads all start at once, and
+    `lru_cache` would let each of them build its own (a gateway is an SSL context, connection pools and
+    an event loop: building one costs tens of milliseconds, and two of them would not share the bound
+    on charges in flight)."""
+    lock = threading.Lock()
+    built: list[T] = []
+
+    @wraps(build)
+    def get() -> T:
+        if not built:
+            with lock:
+                if not built:
+                    built.append(build())
+        return built[0]
+
+    return get
+
+
+@_once
 def gateway_factory() -> Gateway:
-    """One gateway client per process: its connection pools and charge loop (GATEWAY_MAX_IN_FLIGHT) are shared."""
+    """One gateway client per process: its connection pools and batch loop (GATEWAY_MAX_IN_FLIGHT) are shared."""
     from gateways.http import HttpGateway
 
     return HttpGateway.from_settings(get_settings())
 
 
-@lru_cache(maxsize=1)
+@_once
 def mailer_factory() -> Mailer:
     """One mailer per process, built at its first notice (it keeps no connection: each delivery, or
     batch of notices, opens its own)."""

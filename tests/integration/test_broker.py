@@ -109,3 +109,28 @@ def test_errors_of_expired_dead_letters_are_forgotten(broker):
     record_error(broker.client, "billing", "long-gone-message", RuntimeError("expired a week ago"))
     assert dead_letters(broker.client, ("billing",)) == []
     assert broker.client.hlen("dramatiq:billing.XQ.errors") == 0
+
+
+def test_a_per_process_client_is_built_once_however_many_threads_ask_at_once() -> None:
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from workers.broker import _once
+
+    built: list[object] = []
+    start = threading.Barrier(16)
+
+    @_once
+    def client() -> object:
+        time.sleep(0.05)  # long enough for every thread to arrive while the first one builds
+        built.append(object())
+        return built[-1]
+
+    def ask(_: int) -> object:
+        start.wait()
+        return client()
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, range(16)))
+    assert len(built) == 1 and all(answer is built[0] for answer in answers)

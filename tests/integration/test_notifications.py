@@ -24,8 +24,10 @@ from jobs.notifications import (
     KINDS,
     NO_RECIPIENTS,
     DeliveryFailed,
+    NoticeSpec,
     deliver_notification,
     notify,
+    notify_many,
     pending_notification_ids,
     recipients_for,
     render,
@@ -324,6 +326,28 @@ def test_notify_refuses_bad_notices_and_writes_nothing(
     with pytest.raises(ValueError, match=message):
         notify(session, organization_id=ORG_ID, kind=kind, dedupe_key="bad:1", context=context)
     session.commit()
+    assert notification_count(session) == 0
+
+
+def test_a_batch_renders_each_shape_once_and_still_refuses_a_value_of_another_type(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import jobs.notifications as notifications
+
+    billing_org(session)
+    rendered: list[str] = []
+    real_render = notifications.render
+    monkeypatch.setattr(notifications, "render", lambda *args: rendered.append(args[0].kind) or real_render(*args))
+    good = [
+        NoticeSpec(ORG_ID, "boleto_reminder", f"reminder:{n}", {**SAMPLES["boleto_reminder"], "amount_cents": 100 + n})
+        for n in range(50)
+    ]
+    assert len(notify_many(session, good)) == 50
+    assert rendered == ["boleto_reminder"]  # fifty receipts of one shape: rendered once
+    wrong_type = NoticeSpec(ORG_ID, "boleto_reminder", "reminder:bad", {**good[0].context, "amount_cents": "1.788,00"})
+    with pytest.raises(ValueError, match="does not render"):
+        notify_many(session, [*good[:2], wrong_type])
+    session.rollback()
     assert notification_count(session) == 0
 
 
