@@ -14,14 +14,37 @@ import json
 import re
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, TypeAdapter, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StringConstraints,
+    TypeAdapter,
+    field_validator,
+)
 
 from models.states import Cycle, PaymentMethod
 
 KINDS: Final = ("subscribe", "billing_cycle", "payment_method", "card", "cancel", "resume", "reissue_boleto")
 
-PositiveId = Annotated[StrictInt, Field(gt=0, le=2**63 - 1)]
-IdempotencyKey = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255)]
+# PostgreSQL's bigint: an id beyond it is refused as input, never sent to the database.
+MAX_ID: Final = 2**63 - 1
+PositiveId = Annotated[StrictInt, Field(gt=0, le=MAX_ID)]
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _without_control_characters(value: str) -> str:
+    # PostgreSQL refuses a NUL in text and jsonb; the other control characters have no place in a name.
+    if has_control_characters(value):
+        raise ValueError("contém caracteres de controle")
+    return value
+
+
+# Any free text taken from outside: names, e-mails, documents, keys.
+PlainText = Annotated[str, AfterValidator(_without_control_characters)]
+IdempotencyKey = Annotated[PlainText, StringConstraints(strip_whitespace=True, min_length=1, max_length=255)]
 # models.states' vocabularies, as plain strings: the JSON schema lists them as an enum of strings.
 CycleName = Literal[tuple(member.value for member in Cycle)]  # "monthly", "annual"
 MethodName = Literal[tuple(member.value for member in PaymentMethod)]  # "card", "boleto"
@@ -32,6 +55,10 @@ _PAN_LIKE = re.compile(r"^[\d \-]{12,25}$")
 _TOKEN = re.compile(r"^[A-Za-z0-9_.:\-]{4,255}$")
 _SENSITIVE_KEYS: Final = frozenset({"number", "card_number", "pan", "cvv", "cvc", "cvv2", "security_code"})
 REDACTED: Final = "[redacted]"
+# Card brands as the gateways name them.
+BRANDS: Final = frozenset(
+    {"visa", "mastercard", "amex", "elo", "hipercard", "hiper", "diners", "discover", "jcb", "aura", "cabal"}
+)
 
 
 def looks_like_card_number(value: str) -> bool:
@@ -88,10 +115,19 @@ class CardUpdate(_Request):
     kind: Literal["card"]
     subscription_id: PositiveId | None = Field(None, description="Optional: the card is the organization's.")
     token: str = Field(description="The payment gateway's card token (never a card number).")
-    brand: Annotated[str, StringConstraints(min_length=1, max_length=32)]
+    brand: str = Field(description=f"The card's brand, one of: {', '.join(sorted(BRANDS))} (any case).")
     last4: Annotated[str, StringConstraints(pattern=r"^[0-9]{4}$")]
     exp_month: Annotated[StrictInt, Field(ge=1, le=12)]
     exp_year: Annotated[StrictInt, Field(ge=2000, le=2100)]
+
+    @field_validator("brand")
+    @classmethod
+    def _known_brand(cls, value: str) -> str:
+        # A closed list: a card number (or anything else) sent as the brand is never stored, echoed or e-mailed.
+        brand = value.strip().lower()
+        if brand not in BRANDS:
+            raise ValueError(f"bandeira desconhecida; use uma de: {', '.join(sorted(BRANDS))}")
+        return brand
 
     @field_validator("token")
     @classmethod
@@ -150,16 +186,22 @@ def payload_hash(payload: Any) -> str:
 
 
 def redact(value: Any) -> Any:
-    """A copy of a raw (possibly invalid) payload safe to store: card numbers and security codes removed."""
+    """A copy of a raw (possibly invalid) payload safe to store: card numbers and security codes removed,
+    control characters (which PostgreSQL's jsonb cannot all hold) replaced by U+FFFD."""
     if isinstance(value, dict):
         return {
-            str(key): REDACTED if str(key).lower() in _SENSITIVE_KEYS else redact(item) for key, item in value.items()
+            redact(str(key)): REDACTED if str(key).lower() in _SENSITIVE_KEYS else redact(item)
+            for key, item in value.items()
         }
     if isinstance(value, list):
         return [redact(item) for item in value]
-    if isinstance(value, str) and looks_like_card_number(value):
-        return REDACTED
+    if isinstance(value, str):
+        return REDACTED if looks_like_card_number(value) else _CONTROL_CHARACTERS.sub("\ufffd", value)
     return value
+
+
+def has_control_characters(value: str) -> bool:
+    return _CONTROL_CHARACTERS.search(value) is not None
 
 
 # --- field errors ------------------------------------------------------------------------------

@@ -1,8 +1,12 @@
 """Messages that must leave only once the transaction that justifies them has committed.
 
 A flow calls `send_after_commit(session, actor, *args)`; the message is sent right after that
-session's next successful commit and dropped on rollback. If Redis refuses it at that moment the
-database still holds the work, and the scheduler's tick finds it again.
+session's outermost transaction commits, and dropped if that transaction rolls back. Savepoints
+(`begin_nested`) count as what they are: a message queued inside one is dropped when it rolls back
+(and only it: what the enclosing transaction queued stays), and kept, not sent, when it is released.
+SQLAlchemy's `after_commit` and `after_rollback` fire for savepoints too, so both are told apart here.
+If Redis refuses a message at that moment the database still holds the work, and the scheduler's
+tick finds it again.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 
 from dramatiq import Actor
 from sqlalchemy import event
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
 _KEY = "renova_outbox"
 _DISPATCHER = "renova_outbox_dispatcher"
@@ -25,7 +29,8 @@ Dispatcher = Callable[[Actor[Any, Any], tuple[Any, ...], dict[str, Any]], None]
 
 
 def send_after_commit(session: Session, actor: Actor[Any, Any], *args: Any, **kwargs: Any) -> None:
-    session.info.setdefault(_KEY, []).append((actor, args, kwargs))
+    # Tagged with the savepoint it was queued in (None: the outermost transaction).
+    session.info.setdefault(_KEY, []).append((session.get_nested_transaction(), actor, args, kwargs))
 
 
 def send_now(session: Session, actor: Actor[Any, Any], *args: Any, **kwargs: Any) -> None:
@@ -50,13 +55,27 @@ def dispatch_with(session: Session, dispatcher: Dispatcher) -> Iterator[None]:
 
 @event.listens_for(Session, "after_commit")
 def _send(session: Session) -> None:
-    for actor, args, kwargs in session.info.pop(_KEY, []):
+    released = session.get_nested_transaction()
+    if released is not None:
+        # A savepoint released: its messages now wait for the transaction around it.
+        parent = released.parent if released.parent is not None and released.parent.nested else None
+        session.info[_KEY] = [
+            (parent if tag is released else tag, actor, args, kwargs)
+            for tag, actor, args, kwargs in session.info.get(_KEY, [])
+        ]
+        return
+    for _, actor, args, kwargs in session.info.pop(_KEY, []):
         try:
             send_now(session, actor, *args, **kwargs)
         except Exception:
             logger.exception("could not enqueue %s%r after commit; the next tick re-enqueues it", actor, args)
 
 
-@event.listens_for(Session, "after_rollback")
-def _discard(session: Session) -> None:
-    session.info.pop(_KEY, None)
+@event.listens_for(Session, "after_soft_rollback")
+def _discard(session: Session, rolled_back: SessionTransaction) -> None:
+    if not rolled_back.nested:
+        session.info.pop(_KEY, None)
+        return
+    # A savepoint rolled back: only what it queued goes.
+    kept = [message for message in session.info.get(_KEY, []) if message[0] is not rolled_back]
+    session.info[_KEY] = kept

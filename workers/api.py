@@ -9,7 +9,7 @@ from collections.abc import Callable, Coroutine
 from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, FastAPI, Header, HTTPException, Request, Response, status
+from fastapi import APIRouter, Body, Depends, FastAPI, Header, HTTPException, Path, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -19,16 +19,18 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from gateways.webhooks import InvalidSignature, verify
-from jobs.contract import ChangeRequestIn, describe_field_errors, field_errors
+from jobs.contract import MAX_ID, ChangeRequestIn, PlainText, describe_field_errors, field_errors
 from workers.db import get_session
 from workers.metrics import MetricsSource, metrics_source, refusal, scrape
-from workers.settings import Settings, get_settings
+from workers.settings import Settings, get_settings, refuse_unsafe_production
 
 if TYPE_CHECKING:
     from jobs.plans import PlanError
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+# An id in a path: a bigint, so anything beyond is a 422, not a database error.
+DbId = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 
 def clock_now(session: Session) -> datetime:
@@ -68,6 +70,21 @@ v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 webhooks = APIRouter(prefix="/v1/webhooks")
 
 
+# The columns of gateway_events.
+EVENT_ID_LENGTH = 128
+EVENT_TYPE_LENGTH = 64
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(key) or _has_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(item) for item in value)
+    return False
+
+
 @webhooks.post("/gateway", status_code=status.HTTP_200_OK)
 async def gateway_webhook(
     request: Request,
@@ -91,9 +108,18 @@ async def gateway_webhook(
     try:
         event = json.loads(body)
         event_id, event_type = str(event["id"]), str(event["type"])
+        if not (0 < len(event_id) <= EVENT_ID_LENGTH and 0 < len(event_type) <= EVENT_TYPE_LENGTH):
+            raise ValueError("id or type too long")
+        if _has_nul(event):
+            raise ValueError("a NUL character")  # PostgreSQL's jsonb cannot hold it
     except (ValueError, KeyError, TypeError):
         raise HTTPException(
-            status.HTTP_400_BAD_REQUEST, detail={"code": "invalid_event", "message": "expected {id, type, data}"}
+            status.HTTP_400_BAD_REQUEST,
+            detail={
+                "code": "invalid_event",
+                "message": f"expected {{id (at most {EVENT_ID_LENGTH} characters), type (at most "
+                f"{EVENT_TYPE_LENGTH}), data}}, without NUL characters",
+            },
         ) from None
     stored = session.scalar(
         insert(GatewayEvent)
@@ -123,6 +149,9 @@ class _ContractRoute(APIRoute):
             try:
                 return await handler(request)
             except RequestValidationError as exc:
+                # FastAPI reads the body before it runs the dependencies: a caller without a valid key
+                # learns that first, not what is wrong with its body.
+                require_api_key(request.headers.get("authorization"), get_settings())
                 fields = field_errors(list(exc.errors()), skip=("body",))
                 raise HTTPException(
                     422,
@@ -154,14 +183,16 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorBody, "description": "invalid_request: the body, path or headers have the wrong shape"},
 }
 
-Email = Annotated[str, StringConstraints(strip_whitespace=True, min_length=3, max_length=254)]
+Email = Annotated[PlainText, StringConstraints(strip_whitespace=True, min_length=3, max_length=254)]
 
 
 class MemberIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: StrictInt = Field(gt=0, description="The member's id in the main application (unique across organizations)")
-    name: Annotated[str, StringConstraints(max_length=200)] = ""
+    id: StrictInt = Field(
+        gt=0, le=MAX_ID, description="The member's id in the main application (unique across organizations)"
+    )
+    name: Annotated[PlainText, StringConstraints(max_length=200)] = ""
     email: Email | None = None
     role: Literal["owner", "admin", "member"]
     financial_responsible: StrictBool = False
@@ -180,8 +211,8 @@ class OrganizationIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-    document: str | None = Field(None, description="CPF or CNPJ (alphanumeric CNPJ accepted); needed for boletos")
+    name: Annotated[PlainText, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+    document: PlainText | None = Field(None, description="CPF or CNPJ (alphanumeric CNPJ accepted); needed for boletos")
     members: list[MemberIn] = Field(default_factory=list, description="All of them: members absent become inactive")
 
 
@@ -331,7 +362,7 @@ contract = APIRouter(route_class=_ContractRoute, responses=_ERRORS)
     tags=["organizations"],
     responses={409: {"model": ErrorBody, "description": "a member id belongs to another organization"}},
 )
-def put_organization(organization_id: int, body: OrganizationIn, session: SessionDep) -> OrganizationOut:
+def put_organization(organization_id: DbId, body: OrganizationIn, session: SessionDep) -> OrganizationOut:
     """Create or update Renova's copy of an organization, its CPF/CNPJ and its members.
 
     The main application sends it whenever any of it changes; members absent from the body become
@@ -467,7 +498,7 @@ def preview_change_request(body: Annotated[ChangeRequestIn, Body()], session: Se
     tags=["change requests"],
     responses={404: {"model": ErrorBody}},
 )
-def get_change_request(change_request_id: int, session: SessionDep) -> ChangeRequestOut:
+def get_change_request(change_request_id: DbId, session: SessionDep) -> ChangeRequestOut:
     """A change request: `pending`, `applied` with its `result`, or `rejected` with its `error`."""
     from models.schema import ChangeRequest
 
@@ -483,7 +514,7 @@ def get_change_request(change_request_id: int, session: SessionDep) -> ChangeReq
     tags=["subscriptions"],
     responses={404: {"model": ErrorBody}},
 )
-def get_subscription(subscription_id: int, session: SessionDep) -> SubscriptionOut:
+def get_subscription(subscription_id: DbId, session: SessionDep) -> SubscriptionOut:
     """A subscription as "Minhas assinaturas" shows it, with its open invoices and their boletos."""
     from jobs.boletos import LIVE_BOLETO
     from models.schema import Boleto, Invoice, Subscription
@@ -706,6 +737,7 @@ def create_app() -> FastAPI:
     from workers.db import get_session_factory
     from workers.startup import refuse_test_clock_in_production
 
+    refuse_unsafe_production(get_settings())
     with get_session_factory()() as session:
         refuse_test_clock_in_production(session)
 

@@ -28,7 +28,7 @@ from workers.db import get_session_factory, resolved_urls
 from workers.mail import mailer_from_settings
 from workers.middleware import DatabaseSession, DeadLetterErrors
 from workers.queues import QUEUES
-from workers.settings import Settings, get_settings
+from workers.settings import Settings, get_settings, refuse_unsafe_production
 
 T = TypeVar("T")
 
@@ -133,6 +133,7 @@ def mailer_factory() -> Mailer:
 
 def setup() -> RedisBroker:
     settings = get_settings()
+    refuse_unsafe_production(settings)
     init_sentry(settings)
     _, redis_url = resolved_urls()
     broker = build_broker(redis_url, settings.worker_metrics_port)

@@ -86,16 +86,23 @@ def db_current() -> None:
 # --- processes -------------------------------------------------------------------------------
 
 
-def refuse_test_clock_at_start() -> None:
-    """A test clock set in production stops the worker, web and scheduler processes at start."""
+def refuse_unsafe_start() -> None:
+    """In production the worker, web and scheduler processes refuse to start with a development
+    default (`production_problems`) or a test clock set, naming every problem at once."""
     from workers.db import get_session_factory
+    from workers.settings import production_problems
     from workers.startup import refuse_test_clock_in_production
 
-    with get_session_factory()() as session:
-        try:
-            refuse_test_clock_in_production(session)
-        except SettingsError as exc:
-            fail(str(exc), code=2)
+    settings = get_settings()
+    problems = production_problems(settings) if settings.renova_env == "production" else []
+    if settings.database_url is not None or settings.renova_env != "production":  # never start an embedded one
+        with get_session_factory()() as session:
+            try:
+                refuse_test_clock_in_production(session)
+            except SettingsError as exc:
+                problems.append(str(exc))
+    if problems:
+        fail("refused to start:\n" + "\n".join(f"  - {problem}" for problem in problems), code=2)
 
 
 def runtime_environment() -> dict[str, str]:
@@ -130,7 +137,7 @@ def worker(
         if not queues:
             fail("--except-queue leaves no queue to consume", code=2)
     settings = get_settings()
-    refuse_test_clock_at_start()
+    refuse_unsafe_start()
     args = [
         sys.executable,
         "-m",
@@ -252,11 +259,27 @@ def doctor(
             healthy = False
             console.print(f"[red]✗[/] Redis: {exc}")
 
+    healthy = _doctor_production(settings) and healthy
     if healthy and ping:
         healthy = _ping_worker()
     if not healthy:
         raise typer.Exit(1)
     console.print("[bold green]healthy[/]")
+
+
+def _doctor_production(settings: Settings) -> bool:
+    """What production would refuse: problems in production, a warning elsewhere."""
+    from workers.settings import production_problems
+
+    problems = production_problems(settings)
+    if not problems:
+        console.print("[green]✓[/] production settings: nothing would be refused")
+        return True
+    mark = "[red]✗[/]" if settings.renova_env == "production" else "[yellow]![/]"
+    heading = "refused in production" if settings.renova_env == "production" else "would be refused in production"
+    for problem in problems:
+        console.print(f"{mark} {heading}: {problem}")
+    return settings.renova_env != "production"
 
 
 def _doctor_clock(settings: Settings) -> bool:
@@ -308,11 +331,11 @@ def scheduler(
     """Send `tick` every interval (the `clock` process). Safe to run more than one."""
     import signal
 
+    refuse_unsafe_start()
     wire()
     from jobs.tick import tick
 
     settings = get_settings()
-    refuse_test_clock_at_start()
     period = interval or settings.tick_interval_seconds
     stopping = False
 
@@ -417,7 +440,7 @@ def web(
     import uvicorn
 
     settings = get_settings()
-    refuse_test_clock_at_start()
+    refuse_unsafe_start()
     uvicorn.run(
         "workers.api:create_app",
         factory=True,

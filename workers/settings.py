@@ -13,6 +13,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Environment = Literal["development", "test", "production"]
 DEVELOPMENT_CONSOLE_SECRET = "development-only-console-secret"  # refused in production
+# The sandbox gateway's publicly documented credentials: refused in production.
+SANDBOX_API_KEY = "sk_sandbox"
+SANDBOX_WEBHOOK_SECRET = "whsec_sandbox"
 
 
 class SettingsError(RuntimeError):
@@ -40,8 +43,8 @@ class Settings(BaseSettings):
     mail_from: str = Field("CONECTA Cobrança <cobranca@conecta.example>", alias="MAIL_FROM")
 
     gateway_url: str = Field("http://127.0.0.1:8700", alias="GATEWAY_URL")
-    gateway_api_key: SecretStr = Field(SecretStr("sk_sandbox"), alias="GATEWAY_API_KEY")
-    gateway_webhook_secret: SecretStr = Field(SecretStr("whsec_sandbox"), alias="GATEWAY_WEBHOOK_SECRET")
+    gateway_api_key: SecretStr = Field(SecretStr(SANDBOX_API_KEY), alias="GATEWAY_API_KEY")
+    gateway_webhook_secret: SecretStr = Field(SecretStr(SANDBOX_WEBHOOK_SECRET), alias="GATEWAY_WEBHOOK_SECRET")
     gateway_connect_timeout: float = Field(2.0, gt=0, alias="GATEWAY_CONNECT_TIMEOUT")
     gateway_read_timeout: float = Field(10.0, gt=0, alias="GATEWAY_READ_TIMEOUT")
     # Charges a worker process keeps at the gateway at once (over all its threads): at 200–800 ms per
@@ -105,6 +108,34 @@ class Settings(BaseSettings):
     def allows_future_dates(self) -> bool:
         """Running a business date after today is only for development and test."""
         return self.renova_env in ("development", "test")
+
+
+def production_problems(settings: Settings) -> list[str]:
+    """What would make this configuration unsafe in production, one line per setting: development
+    defaults anyone can read in the README (the sandbox's key and webhook secret, with which anyone
+    could sign a `boleto.paid`), no API key, and the embedded database, Redis or mail sink."""
+    problems = []
+    if settings.gateway_webhook_secret.get_secret_value() in ("", SANDBOX_WEBHOOK_SECRET):
+        problems.append("GATEWAY_WEBHOOK_SECRET is unset or the sandbox's: anyone could sign gateway webhooks")
+    if settings.gateway_api_key.get_secret_value() in ("", SANDBOX_API_KEY):
+        problems.append("GATEWAY_API_KEY is unset or the sandbox's")
+    if not settings.api_keys:
+        problems.append("RENOVA_API_KEYS is empty: the main application could not call the API")
+    if settings.console_secret_key.get_secret_value() in ("", DEVELOPMENT_CONSOLE_SECRET):
+        problems.append("CONSOLE_SECRET_KEY is unset or the development one (it signs the console's sessions)")
+    if settings.database_url is None:
+        problems.append("DATABASE_URL is unset: the embedded PostgreSQL is for development and test")
+    if settings.redis_url is None:
+        problems.append("REDIS_URL is unset: the embedded Redis is for development and test")
+    if settings.smtp_url is None:
+        problems.append("SMTP_URL is unset: notices would go to the local mail folder")
+    return problems
+
+
+def refuse_unsafe_production(settings: Settings) -> None:
+    """In production, SettingsError naming every unsafe setting; elsewhere nothing."""
+    if settings.renova_env == "production" and (problems := production_problems(settings)):
+        raise SettingsError("refused in production — " + "; ".join(problems))
 
 
 def load_settings() -> Settings:

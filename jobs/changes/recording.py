@@ -4,6 +4,7 @@ pending."""
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
@@ -20,6 +21,7 @@ from jobs.contract import (
     canonical_payload,
     describe_field_errors,
     field_errors,
+    has_control_characters,
     parse_change_request,
     payload_hash,
     redact,
@@ -34,6 +36,10 @@ from models.states import ChangeRequestStatus
 jobs.require_broker()
 
 logger = logging.getLogger(__name__)
+
+
+# What a rejected request's `kind` column may hold as sent (anything else is recorded as "invalid").
+_KIND = re.compile(r"[a-z_]{1,32}")
 
 
 class UnrecordableChangeRequest(ValueError):
@@ -62,8 +68,10 @@ def _identity(payload: Any) -> tuple[int, str]:
     key = payload.get("idempotency_key")
     if isinstance(organization_id, bool) or not isinstance(organization_id, int) or organization_id <= 0:
         raise UnrecordableChangeRequest("organization_id (a positive integer) is required to record a request")
-    if not isinstance(key, str) or not key.strip() or len(key.strip()) > 255:
-        raise UnrecordableChangeRequest("idempotency_key (1 to 255 characters) is required to record a request")
+    if not isinstance(key, str) or not key.strip() or len(key.strip()) > 255 or has_control_characters(key):
+        raise UnrecordableChangeRequest(
+            "idempotency_key (1 to 255 characters, no control characters) is required to record a request"
+        )
     return organization_id, key.strip()
 
 
@@ -89,7 +97,7 @@ def record_change_request(session: Session, payload: Any, *, source: str, now: d
         violation = policy.invalid_request(describe_field_errors(fields), fields=fields)
         stored = redact(payload)
         raw_kind = payload.get("kind")
-        kind = raw_kind if isinstance(raw_kind, str) and 0 < len(raw_kind) <= 32 else "invalid"
+        kind = raw_kind if isinstance(raw_kind, str) and _KIND.fullmatch(raw_kind) else "invalid"
         subscription_id = _optional_id(payload.get("subscription_id"))
         requested_by = _optional_id(payload.get("requested_by"))
     digest = payload_hash(stored)

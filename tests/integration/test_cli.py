@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.integration.conftest import ROOT
 
 
@@ -143,3 +145,57 @@ def test_worker_queue_options_are_checked():
     assert both.returncode == 2 and "either --queue or --except-queue" in both.stdout + both.stderr
     unknown = renova("worker", "-X", "change")
     assert unknown.returncode == 2 and "unknown queue change" in unknown.stdout + unknown.stderr
+
+
+SAFE_PRODUCTION = {
+    "RENOVA_ENV": "production",
+    "GATEWAY_WEBHOOK_SECRET": "whsec_live_example",
+    "GATEWAY_API_KEY": "sk_live_example",
+    "RENOVA_API_KEYS": "main-app-key",
+    "CONSOLE_SECRET_KEY": "console-secret-example",
+    "SMTP_URL": "smtp://127.0.0.1:1",
+}
+
+
+@pytest.mark.parametrize("command", [["scheduler", "--interval", "0.3"], ["web", "--port", "1"], ["worker"]])
+def test_production_refuses_to_start_with_development_defaults(migrated_database, broker, command) -> None:
+    refused = renova(*command, RENOVA_ENV="production", SMTP_URL="")
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    for setting in ("GATEWAY_WEBHOOK_SECRET", "GATEWAY_API_KEY", "RENOVA_API_KEYS", "CONSOLE_SECRET_KEY", "SMTP_URL"):
+        assert setting in refused.stdout, refused.stdout
+    assert "Traceback" not in refused.stdout + refused.stderr
+
+
+def test_production_names_only_what_is_unsafe(migrated_database, broker) -> None:
+    from workers.settings import Settings, production_problems
+
+    assert production_problems(Settings(**{**SAFE_PRODUCTION, "DATABASE_URL": "postgresql://db/renova",
+                                           "REDIS_URL": "redis://redis:6379/0"})) == []  # fmt: skip
+    problems = production_problems(Settings(**{**SAFE_PRODUCTION, "GATEWAY_WEBHOOK_SECRET": "whsec_sandbox"}))
+    assert any("GATEWAY_WEBHOOK_SECRET" in problem for problem in problems)
+    assert not any("GATEWAY_API_KEY" in problem for problem in problems)
+
+
+def test_doctor_lists_what_production_would_refuse_in_every_environment(migrated_database, broker) -> None:
+    doctor = renova("doctor", SMTP_URL="")
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    assert "would be refused in production" in doctor.stdout
+    assert "GATEWAY_WEBHOOK_SECRET" in doctor.stdout
+    production = renova("doctor", RENOVA_ENV="production", SMTP_URL="")
+    assert production.returncode == 1
+    assert "refused in production: SMTP_URL" in production.stdout
+
+
+def test_the_api_refuses_to_start_in_production_with_development_defaults(monkeypatch) -> None:
+    from workers.settings import SettingsError, get_settings
+
+    monkeypatch.setenv("RENOVA_ENV", "production")
+    get_settings.cache_clear()
+    try:
+        from workers.api import create_app
+
+        with pytest.raises(SettingsError, match="GATEWAY_WEBHOOK_SECRET"):
+            create_app()
+    finally:
+        monkeypatch.delenv("RENOVA_ENV")
+        get_settings.cache_clear()
