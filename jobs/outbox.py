@@ -79,3 +79,10 @@ def _discard(session: Session, rolled_back: SessionTransaction) -> None:
     # A savepoint rolled back: only what it queued goes.
     kept = [message for message in session.info.get(_KEY, []) if message[0] is not rolled_back]
     session.info[_KEY] = kept
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _forget(session: Session, ended: SessionTransaction) -> None:
+    # The outermost transaction ended without its commit sending them (a close, say): they go.
+    if ended.parent is None and not ended.nested:
+        session.info.pop(_KEY, None)

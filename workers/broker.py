@@ -26,9 +26,9 @@ from gateways.base import Gateway
 from jobs.context import BillingConfig, Mailer, Runtime, configure
 from workers.db import get_session_factory, resolved_urls
 from workers.mail import mailer_from_settings
-from workers.middleware import DatabaseSession, DeadLetterErrors
+from workers.middleware import DatabaseSession, DeadLetterErrors, RefuseUnsafeProduction
 from workers.queues import QUEUES
-from workers.settings import Settings, get_settings, refuse_unsafe_production
+from workers.settings import Settings, get_settings
 
 T = TypeVar("T")
 
@@ -71,6 +71,7 @@ def init_sentry(settings: Settings) -> None:
 
 def build_broker(redis_url: str, worker_metrics_port: int | None = None) -> RedisBroker:
     middleware: list[Middleware] = [
+        RefuseUnsafeProduction(),
         AgeLimit(),
         TimeLimit(time_limit=TIME_LIMIT_MS),
         ShutdownNotifications(),
@@ -133,7 +134,6 @@ def mailer_factory() -> Mailer:
 
 def setup() -> RedisBroker:
     settings = get_settings()
-    refuse_unsafe_production(settings)
     init_sentry(settings)
     _, redis_url = resolved_urls()
     broker = build_broker(redis_url, settings.worker_metrics_port)

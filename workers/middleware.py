@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import dramatiq
@@ -12,12 +13,28 @@ from sqlalchemy.orm import Session, sessionmaker
 from jobs.context import bind_session
 from jobs.retries import register_transient
 
+logger = logging.getLogger(__name__)
 _SESSION_OPTION = "_renova_session"
 
 # The broker's Redis is the runtime's: an outage while an actor runs (an enqueue, say) is transient.
 # Registered on import: `workers.broker` imports this module while it wires the runtime, before
 # any actor runs.
 register_transient(redis.RedisError)
+
+
+class RefuseUnsafeProduction(Middleware):
+    """A worker process does not boot in production with a development default (`production_problems`),
+    however it was started (`renova worker` refuses before that, with the same list)."""
+
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        from workers.settings import SettingsError, get_settings, refuse_unsafe_production
+
+        try:
+            refuse_unsafe_production(get_settings())
+        except SettingsError as exc:
+            logger.critical("%s", exc)
+            # Dramatiq logs an exception raised here and boots anyway: only leaving stops the process.
+            raise SystemExit(2) from None
 
 
 class DatabaseSession(Middleware):

@@ -199,3 +199,16 @@ def test_the_api_refuses_to_start_in_production_with_development_defaults(monkey
     finally:
         monkeypatch.delenv("RENOVA_ENV")
         get_settings.cache_clear()
+
+
+def test_a_dramatiq_worker_started_directly_refuses_too(migrated_database, broker) -> None:
+    started = subprocess.run(
+        [sys.executable, "-m", "dramatiq", "workers.broker", "--processes", "1", "--threads", "1"],
+        cwd=ROOT,
+        env={**os.environ, "RENOVA_ENV": "production", "SMTP_URL": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert started.returncode != 0
+    assert "refused in production" in started.stderr and "GATEWAY_WEBHOOK_SECRET" in started.stderr
