@@ -28,7 +28,8 @@ def test_defaults(env):
     assert settings.billing_timezone == "America/Sao_Paulo"
     assert settings.boleto_lead_days == 7
     assert settings.boleto_grace_business_days == 3
-    assert settings.gateway_max_in_flight == 64
+    assert settings.gateway_max_in_flight == 128
+    assert settings.worker_idle_poll_ms == 100
 
 
 def test_values_from_the_environment(env):
