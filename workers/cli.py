@@ -423,20 +423,32 @@ def run_day_command(
 
     _, redis_url = resolved_urls()
     deadline = time.monotonic() + timeout
+    outage: Outage | None = None
     while True:
-        with session_factory() as session:
-            run = session.scalar(select(BillingRun).where(BillingRun.run_date == on))
-            if run is not None and run.status == RunStatus.DONE:
-                break
         if time.monotonic() > deadline:
             fail(f"run {on.isoformat()} not done after {timeout:.0f}s: is `renova worker` running?")
-        busy = any(depth.ready or depth.delayed for depth in queue_depths(redis_url, ("billing",)))
-        if not busy:
-            time.sleep(0.5)
+        try:
             with session_factory() as session:
-                scan_run(session, on, current_now(), runtime().config)
-        else:
-            time.sleep(0.5)
+                run = session.scalar(select(BillingRun).where(BillingRun.run_date == on))
+                if run is not None and run.status == RunStatus.DONE:
+                    break
+            busy = any(depth.ready or depth.delayed for depth in queue_depths(redis_url, ("billing",)))
+            if not busy:
+                time.sleep(0.5)
+                with session_factory() as session:
+                    scan_run(session, on, current_now(), runtime().config)
+            else:
+                time.sleep(0.5)
+        except DEPENDENCY_ERRORS as exc:
+            # Waiting outlives an outage too: the run's work is in the database and the queues.
+            outage = outage or Outage()
+            wait = outage.failed(exc, limit=5.0)
+            console.print(f"[yellow]waiting: {outage.describe()}; trying again in {wait:g}s[/]")
+            time.sleep(wait)
+            continue
+        if outage is not None:
+            console.print(f"waiting again after {outage.describe()}")
+            outage = None
     with session_factory() as session:
         run = session.scalar(select(BillingRun).where(BillingRun.run_date == on))
         assert run is not None

@@ -264,3 +264,21 @@ def test_the_scheduler_outlives_a_redis_outage(migrated_database) -> None:
             server.terminate()
             server.wait(10)
     assert "Traceback" not in "".join(lines)
+
+
+def test_run_day_wait_outlives_redis_being_out_of_reach(session) -> None:
+    from datetime import date
+
+    from tests.integration.factories import make_organization, make_subscription, seed_plans
+    from tests.integration.gateway_fixtures import free_port
+
+    seed_plans(session)
+    make_subscription(session, make_organization(session), cycle="monthly", method="card", anchor=date(2027, 4, 10))
+    session.commit()
+
+    waited = renova(
+        "run-day", "--date", "2027-05-10", "--wait", "--timeout", "4", REDIS_URL=f"redis://127.0.0.1:{free_port()}/0"
+    )
+    assert waited.returncode == 1, waited.stdout + waited.stderr
+    assert "waiting: " in waited.stdout and "trying again" in waited.stdout
+    assert "not done after 4s" in waited.stdout
