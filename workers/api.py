@@ -9,6 +9,7 @@ from collections.abc import Callable, Coroutine
 from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
+import redis
 from fastapi import APIRouter, Body, Depends, FastAPI, Header, HTTPException, Path, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -16,6 +17,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints, field_validator
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from gateways.webhooks import InvalidSignature, verify
@@ -749,13 +751,30 @@ def create_app() -> FastAPI:
 
     @app.get("/healthz", include_in_schema=False)
     def healthz(session: SessionDep) -> dict[str, str]:
-        """Liveness, and which clock the processes read: `real`, or `test` with its frozen `now`."""
+        """Liveness (200 while the process serves), what it depends on (`database`, `redis`: `up` or
+        `down`, and `status` `degraded` when one is down), and which clock the processes read: `real`,
+        or `test` with its frozen `now`."""
+        from sqlalchemy import text
         from sqlalchemy.exc import SQLAlchemyError
 
         from jobs.clock import clock_state
+        from workers.db import resolved_urls
 
         answer = {"status": "ok", "time": datetime.now(UTC).isoformat(), "clock": "real"}
-        if runtime().config.allow_future_dates:  # production always reads the real clock
+        try:
+            session.execute(text("SELECT 1"))
+            answer["database"] = "up"
+        except SQLAlchemyError:
+            session.rollback()
+            answer["database"] = "down"
+        try:
+            redis.Redis.from_url(resolved_urls()[1], socket_timeout=1, socket_connect_timeout=1).ping()
+            answer["redis"] = "up"
+        except (redis.RedisError, OSError):
+            answer["redis"] = "down"
+        if "down" in (answer["database"], answer["redis"]):
+            answer["status"] = "degraded"
+        if runtime().config.allow_future_dates and answer["database"] == "up":  # production reads the real clock
             try:
                 state = clock_state(session)
             except SQLAlchemyError:
@@ -764,6 +783,18 @@ def create_app() -> FastAPI:
                 if state is not None:
                     answer.update(clock="test", now=state.now.isoformat())
         return answer
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    @app.exception_handler(redis.ConnectionError)
+    async def unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # PostgreSQL or Redis out of reach: nothing was done, and the same request can be sent again.
+        what = "Redis" if isinstance(exc, redis.RedisError) else "the database"
+        return JSONResponse(
+            {"error": {"code": "unavailable", "message": f"{what} is unavailable; try again shortly"}},
+            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+            headers={"Retry-After": "5"},
+        )
 
     @app.get("/metrics", include_in_schema=False)
     def metrics(

@@ -17,7 +17,7 @@ import typer
 from rich.table import Table
 
 from workers.cli_attention import attention_app
-from workers.cli_common import business_today, console, current_now, fail, wire
+from workers.cli_common import DEPENDENCY_ERRORS, Outage, business_today, console, current_now, fail, wire
 from workers.cli_oncall import audit_app, charges_app, invoices_app, runs_app
 from workers.cli_operators import operators_app
 from workers.settings import Settings, SettingsError, get_settings
@@ -96,11 +96,15 @@ def refuse_unsafe_start() -> None:
     settings = get_settings()
     problems = production_problems(settings) if settings.renova_env == "production" else []
     if settings.database_url is not None or settings.renova_env != "production":  # never start an embedded one
-        with get_session_factory()() as session:
-            try:
+        try:
+            with get_session_factory()() as session:
                 refuse_test_clock_in_production(session)
-            except SettingsError as exc:
-                problems.append(str(exc))
+        except SettingsError as exc:
+            problems.append(str(exc))
+        except DEPENDENCY_ERRORS as exc:
+            # Starting while the database is down is allowed: the process waits it out, and production
+            # reads the real clock whatever the database holds.
+            console.print(f"[yellow]cannot check for a test clock now ({type(exc).__name__}): starting anyway[/]")
     if problems:
         fail("refused to start:\n" + "\n".join(f"  - {problem}" for problem in problems), code=2)
 
@@ -349,10 +353,22 @@ def scheduler(
         f"scheduler: tick every {period:g}s, runs due after {settings.billing_run_at:%H:%M} {settings.billing_timezone}"
     )
     next_tick = time.monotonic()
+    outage: Outage | None = None
     while not stopping:
-        # The test clock, when one is set (development and test), moves every process's "now".
-        tick.send(current_now().isoformat(), settings.billing_run_at.isoformat())
-        next_tick += period
+        try:
+            # The test clock, when one is set (development and test), moves every process's "now".
+            tick.send(current_now().isoformat(), settings.billing_run_at.isoformat())
+        except DEPENDENCY_ERRORS as exc:
+            # The clock outlives PostgreSQL and Redis: a missed tick is caught up by the next one.
+            outage = outage or Outage()
+            wait = outage.failed(exc, limit=period)
+            console.print(f"[yellow]scheduler: tick not sent ({outage.describe()}); trying again in {wait:g}s[/]")
+            next_tick = time.monotonic() + wait
+        else:
+            if outage is not None:
+                console.print(f"scheduler: ticking again after {outage.describe()}")
+                outage = None
+            next_tick += period
         while not stopping and time.monotonic() < next_tick:
             time.sleep(min(0.2, max(0.0, next_tick - time.monotonic())))
 
@@ -407,20 +423,32 @@ def run_day_command(
 
     _, redis_url = resolved_urls()
     deadline = time.monotonic() + timeout
+    outage: Outage | None = None
     while True:
-        with session_factory() as session:
-            run = session.scalar(select(BillingRun).where(BillingRun.run_date == on))
-            if run is not None and run.status == RunStatus.DONE:
-                break
         if time.monotonic() > deadline:
             fail(f"run {on.isoformat()} not done after {timeout:.0f}s: is `renova worker` running?")
-        busy = any(depth.ready or depth.delayed for depth in queue_depths(redis_url, ("billing",)))
-        if not busy:
-            time.sleep(0.5)
+        try:
             with session_factory() as session:
-                scan_run(session, on, current_now(), runtime().config)
-        else:
-            time.sleep(0.5)
+                run = session.scalar(select(BillingRun).where(BillingRun.run_date == on))
+                if run is not None and run.status == RunStatus.DONE:
+                    break
+            busy = any(depth.ready or depth.delayed for depth in queue_depths(redis_url, ("billing",)))
+            if not busy:
+                time.sleep(0.5)
+                with session_factory() as session:
+                    scan_run(session, on, current_now(), runtime().config)
+            else:
+                time.sleep(0.5)
+        except DEPENDENCY_ERRORS as exc:
+            # Waiting outlives an outage too: the run's work is in the database and the queues.
+            outage = outage or Outage()
+            wait = outage.failed(exc, limit=5.0)
+            console.print(f"[yellow]waiting: {outage.describe()}; trying again in {wait:g}s[/]")
+            time.sleep(wait)
+            continue
+        if outage is not None:
+            console.print(f"waiting again after {outage.describe()}")
+            outage = None
     with session_factory() as session:
         run = session.scalar(select(BillingRun).where(BillingRun.run_date == on))
         assert run is not None

