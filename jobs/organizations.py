@@ -22,6 +22,11 @@ from models.schema import Member, Organization
 
 # A member id that belongs to another organization (member ids are unique across organizations).
 MEMBER_CONFLICT: Final = "member_conflict"
+# The most members one organization may send (the API refuses more with 422).
+MAX_MEMBERS: Final = 5_000
+# Members per INSERT (PostgreSQL takes at most 65,535 parameters in a statement).
+_ROWS_PER_STATEMENT: Final = 1_000
+_MEMBER_FIELDS: Final = ("role", "name", "email", "financial_responsible", "active")
 
 
 @dataclass(frozen=True)
@@ -71,18 +76,15 @@ def upsert_organization(
         .values(id=organization_id, name=name, document=compact)
         .on_conflict_do_update(index_elements=["id"], set_={"name": name, "document": compact, "updated_at": now})
     )
-    for member in members:
-        values = dataclasses.asdict(member)
-        values.pop("id")
-        session.execute(
-            insert(Member)
-            .values(id=member.id, organization_id=organization_id, **values)
-            .on_conflict_do_update(
-                index_elements=["id"],
-                set_={**values, "updated_at": now},
-                where=Member.organization_id == organization_id,
-            )
-        )
+    rows = [{**dataclasses.asdict(member), "organization_id": organization_id} for member in members]
+    upsert = insert(Member)
+    upsert = upsert.on_conflict_do_update(
+        index_elements=["id"],
+        set_={**{field: upsert.excluded[field] for field in _MEMBER_FIELDS}, "updated_at": now},
+        where=Member.organization_id == organization_id,
+    )
+    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+        session.execute(upsert.values(rows[start : start + _ROWS_PER_STATEMENT]))
     absent = update(Member).where(Member.organization_id == organization_id)
     if ids:
         absent = absent.where(Member.id.not_in(ids))

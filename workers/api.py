@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from gateways.webhooks import InvalidSignature, verify
 from jobs.contract import MAX_ID, ChangeRequestIn, PlainText, describe_field_errors, field_errors
+from jobs.organizations import MAX_MEMBERS
 from workers.db import get_session
 from workers.metrics import MetricsSource, metrics_source, refusal, scrape
 from workers.settings import Settings, get_settings, refuse_unsafe_production
@@ -215,7 +216,11 @@ class OrganizationIn(BaseModel):
 
     name: Annotated[PlainText, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
     document: PlainText | None = Field(None, description="CPF or CNPJ (alphanumeric CNPJ accepted); needed for boletos")
-    members: list[MemberIn] = Field(default_factory=list, description="All of them: members absent become inactive")
+    members: list[MemberIn] = Field(
+        default_factory=list,
+        max_length=MAX_MEMBERS,
+        description=f"All of them (at most {MAX_MEMBERS:,}): members absent become inactive",
+    )
 
 
 class MemberOut(BaseModel):

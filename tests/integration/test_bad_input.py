@@ -177,3 +177,24 @@ def test_authentication_comes_before_the_body(client: TestClient) -> None:
     # With the key, the same body is what is wrong.
     response = client.post("/v1/change-requests", content=b"{not json", headers={"Content-Type": "application/json"})
     assert_envelope(response, 422, "invalid_request")
+
+
+def test_an_organization_takes_up_to_max_members_set_based_and_no_more(client: TestClient, session) -> None:
+    from jobs.organizations import MAX_MEMBERS
+    from models.schema import Member
+
+    def member(n: int, **changes: Any) -> dict[str, Any]:
+        return {"id": 10_000 + n, "name": f"Membro {n}", "role": "member", **changes}
+
+    too_many = organization_body(members=[member(n) for n in range(MAX_MEMBERS + 1)])
+    error = assert_envelope(client.put("/v1/organizations/7", json=too_many), 422, "invalid_request")
+    assert [field["field"] for field in error["fields"]] == ["members"]
+
+    everyone = [member(n) for n in range(2_500)]
+    assert client.put("/v1/organizations/7", json=organization_body(members=everyone)).status_code == 200
+    # Sent again: one left, one renamed; the rest unchanged.
+    again = [member(n, name="Renomeado") if n == 1 else member(n) for n in range(2_500) if n != 0]
+    assert client.put("/v1/organizations/7", json=organization_body(members=again)).status_code == 200
+    rows = {m.id: m for m in session.scalars(select(Member).execution_options(populate_existing=True))}
+    assert len(rows) == 2_500
+    assert not rows[10_000].active and rows[10_001].name == "Renomeado" and rows[12_499].active
