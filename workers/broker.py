@@ -26,7 +26,7 @@ from gateways.base import Gateway
 from jobs.context import BillingConfig, Mailer, Runtime, configure
 from workers.db import get_session_factory, resolved_urls
 from workers.mail import mailer_from_settings
-from workers.middleware import DatabaseSession, DeadLetterErrors, RefuseUnsafeProduction
+from workers.middleware import DatabaseSession, DeadLetterErrors, RefuseUnsafeProduction, ScrubbedLogs
 from workers.queues import QUEUES
 from workers.settings import Settings, get_settings
 
@@ -66,12 +66,15 @@ def init_sentry(settings: Settings) -> None:
         integrations=[DramatiqIntegration()],
         before_send=scrub_event,
         send_default_pii=False,
+        # A frame's local variables hold message arguments, payloads and SQL parameters.
+        include_local_variables=False,
     )
 
 
 def build_broker(redis_url: str, worker_metrics_port: int | None = None) -> RedisBroker:
     middleware: list[Middleware] = [
         RefuseUnsafeProduction(),
+        ScrubbedLogs(),
         AgeLimit(),
         TimeLimit(time_limit=TIME_LIMIT_MS),
         ShutdownNotifications(),

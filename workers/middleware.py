@@ -22,6 +22,16 @@ _SESSION_OPTION = "_renova_session"
 register_transient(redis.RedisError)
 
 
+class ScrubbedLogs(Middleware):
+    """A worker process's log lines name a message by actor and id, never by its arguments
+    (`workers.observability.MessageArgumentsFilter`)."""
+
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        from workers.observability import install_log_filters
+
+        install_log_filters()  # Dramatiq has configured this process's logging by now
+
+
 class RefuseUnsafeProduction(Middleware):
     """A worker process does not boot in production with a development default (`production_problems`),
     however it was started (`renova worker` refuses before that, with the same list)."""

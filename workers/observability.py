@@ -1,8 +1,12 @@
-"""Error reporting hygiene: what leaves the process for Sentry."""
+"""Error reporting hygiene: what leaves the process for Sentry and for the logs."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+import dramatiq
+from dramatiq.broker import MessageProxy
 
 SCRUBBED = "[scrubbed]"
 
@@ -17,3 +21,32 @@ def scrub_event(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any]:
             key: (SCRUBBED if key in ("args", "kwargs") else value) for key, value in data.items()
         }
     return event
+
+
+class MessageArgumentsFilter(logging.Filter):
+    """Dramatiq logs a failed message as `actor(args…)` ("Failed to process message %s …"), and the
+    arguments of a change request carry e-mails, tokens and, sent by mistake, card numbers: a log
+    line names the actor and the message id instead. Installed on the handlers, so that it sees the
+    records of every logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, _MESSAGES):
+            record.msg = _describe(record.msg)
+        if isinstance(record.args, tuple) and any(isinstance(arg, _MESSAGES) for arg in record.args):
+            record.args = tuple(_describe(arg) if isinstance(arg, _MESSAGES) else arg for arg in record.args)
+        return True
+
+
+# A worker handles (and logs) a message wrapped in a MessageProxy.
+_MESSAGES = (dramatiq.Message, MessageProxy)
+
+
+def _describe(message: dramatiq.Message[Any] | MessageProxy) -> str:
+    return f"{message.actor_name}[{message.message_id}]"
+
+
+def install_log_filters() -> None:
+    """Add MessageArgumentsFilter to every handler of the root logger that lacks it."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(existing, MessageArgumentsFilter) for existing in handler.filters):
+            handler.addFilter(MessageArgumentsFilter())

@@ -25,3 +25,52 @@ def test_message_arguments_are_scrubbed_and_the_rest_kept():
     assert data["args"] == SCRUBBED and data["kwargs"] == SCRUBBED
     assert data["actor_name"] == "submit_change_request" and data["message_id"] == "m-1"
     assert "tok_secret" not in repr(scrubbed)
+
+
+def test_a_failed_message_is_logged_by_actor_and_id_never_by_its_arguments(broker) -> None:
+    import io
+    import logging
+
+    import dramatiq
+
+    from tests.integration.conftest import wait_until
+    from workers.observability import install_log_filters
+
+    @dramatiq.actor(queue_name="billing", max_retries=0)
+    def leaky(payload: dict) -> None:
+        raise RuntimeError("boom")
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    install_log_filters()
+    worker = dramatiq.Worker(broker, worker_threads=1, worker_timeout=100)
+    worker.start()
+    try:
+        message = leaky.send({"token": "4012888888881881", "email": "dona@acme.example"})
+        wait_until(lambda: "Failed to process message" in stream.getvalue())
+    finally:
+        worker.stop()
+        root.removeHandler(handler)
+    logged = stream.getvalue()
+    assert f"leaky[{message.message_id}]" in logged
+    assert "4012888888881881" not in logged and "dona@acme.example" not in logged
+
+
+def test_sentry_events_carry_no_local_variables() -> None:
+    import sentry_sdk
+    from pydantic import SecretStr
+
+    from workers.broker import init_sentry
+    from workers.settings import load_settings
+
+    settings = load_settings().model_copy(update={"sentry_dsn": SecretStr("https://public@sentry.invalid/1")})
+    init_sentry(settings)
+    try:
+        options = sentry_sdk.get_client().options
+        assert options["include_local_variables"] is False
+        assert options["send_default_pii"] is False
+        assert options["before_send"] is scrub_event
+    finally:
+        sentry_sdk.init()  # no DSN: reporting off again
