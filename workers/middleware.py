@@ -7,7 +7,7 @@ from typing import Any
 
 import dramatiq
 import redis
-from dramatiq.middleware import Middleware
+from dramatiq.middleware import Middleware, Retries
 from sqlalchemy.orm import Session, sessionmaker
 
 from jobs.context import bind_session
@@ -77,6 +77,15 @@ class DatabaseSession(Middleware):
                 session.commit()
             else:
                 session.rollback()
+        except Exception as failure:
+            # The actor returned but its last work was not recorded (a deadlock, a constraint checked at
+            # commit): the message must not be acknowledged as done. Dramatiq runs this hook before
+            # Retries', which was told "no exception": hand it (and DeadLetterErrors) the failure now.
+            session.rollback()
+            logger.warning("%s[%s]: the final commit failed: %r", message.actor_name, message.message_id, failure)
+            for middleware in reversed(broker.middleware):
+                if isinstance(middleware, Retries | DeadLetterErrors):
+                    middleware.after_process_message(broker, message, exception=failure)
         finally:
             session.close()
 

@@ -4,7 +4,7 @@ per-message session; and a failing actor retried, then parked in the dead-letter
 from __future__ import annotations
 
 import dramatiq
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from jobs.context import current_session
 from jobs.health import ping
@@ -29,6 +29,13 @@ def always_fails(note: str) -> None:
 def fails_with_a_bug(note: str) -> None:
     ATTEMPTS.append(1)
     raise KeyError(note)
+
+
+@dramatiq.actor(queue_name="billing", retry_when=retry_transient(2), min_backoff=10, max_backoff=20)
+def breaks_a_rule_checked_at_commit(note: str) -> None:
+    # Returns normally: the duplicate is only found by the deferred constraint, at COMMIT.
+    ATTEMPTS.append(1)
+    current_session().execute(text("INSERT INTO commit_probe VALUES (1)"))
 
 
 def count(action: str) -> int:
@@ -134,3 +141,28 @@ def test_a_per_process_client_is_built_once_however_many_threads_ask_at_once() -
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(ask, range(16)))
     assert len(built) == 1 and all(answer is built[0] for answer in answers)
+
+
+def test_a_commit_that_fails_after_the_actor_returned_is_not_acknowledged_as_done(worker, broker):
+    from workers.dead_letters import dead_letters
+
+    with get_session_factory()() as session:
+        session.execute(
+            text(
+                "CREATE TABLE commit_probe (id int, CONSTRAINT commit_probe_once UNIQUE (id) "
+                "DEFERRABLE INITIALLY DEFERRED)"
+            )
+        )
+        session.execute(text("INSERT INTO commit_probe VALUES (1)"))
+        session.commit()
+    try:
+        ATTEMPTS.clear()
+        breaks_a_rule_checked_at_commit.send("z")
+        wait_until(lambda: queue_depths(broker_url(broker), ("billing",))[0].dead)
+        assert len(ATTEMPTS) == 1  # a unique violation is not transient: dead-lettered at once
+        [letter] = [letter for letter in dead_letters(broker.client, ("billing",)) if letter.actor.startswith("breaks")]
+        assert "UniqueViolation" in letter.error or "IntegrityError" in letter.error, letter.error
+    finally:
+        with get_session_factory()() as session:
+            session.execute(text("DROP TABLE commit_probe"))
+            session.commit()
