@@ -18,7 +18,7 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 import dramatiq
-from sqlalchemy import ColumnElement, Select, select
+from sqlalchemy import ColumnElement, Select, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -63,6 +63,8 @@ CONSEQUENCES: dict[str, Consequence] = {}
 
 # A pending attempt this old is presumed interrupted (worker killed mid-charge) and reconciled.
 STALE_PENDING = timedelta(minutes=2)
+# How long a reconciliation message owns an unresolved attempt before a tick may send another.
+RECONCILE_LEASE = timedelta(minutes=5)
 
 
 def consequence(kind: str) -> Callable[[Consequence], Consequence]:
@@ -407,19 +409,31 @@ def suspend(session: Session, subscription: Subscription, invoice: Invoice, *, n
 # --- reconciliation (the janitor) --------------------------------------------------------------
 
 
-def unresolved_charge_ids(session: Session, now: datetime, stale_after: timedelta = STALE_PENDING) -> list[int]:
-    """Attempts whose outcome is unknown, and pending ones old enough to have been interrupted."""
-    return list(
-        session.scalars(
-            select(Charge.id)
-            .where(
-                Charge.status.in_(UNRESOLVED_CHARGE),
-                (Charge.status == ChargeStatus.UNKNOWN) | (Charge.created_at < now - stale_after),
-            )
-            .order_by(Charge.created_at)
-            .limit(1000)
+def claim_unresolved_charges(
+    session: Session, now: datetime, stale_after: timedelta = STALE_PENDING, lease: timedelta = RECONCILE_LEASE
+) -> list[int]:
+    """Attempts whose outcome is unknown, and pending ones old enough to have been interrupted, that
+    no reconciliation owns: each is claimed until `now + lease`, so that the next ticks (of every
+    scheduler) leave it to the message about to be sent. Rows another transaction is claiming are
+    skipped. At most 1,000, oldest first."""
+    unclaimed = (
+        select(Charge.id)
+        .where(
+            Charge.status.in_(UNRESOLVED_CHARGE),
+            (Charge.status == ChargeStatus.UNKNOWN) | (Charge.created_at < now - stale_after),
+            Charge.reconcile_claimed_until.is_(None) | (Charge.reconcile_claimed_until <= now),
         )
+        .order_by(Charge.created_at)
+        .limit(1000)
+        .with_for_update(skip_locked=True)
     )
+    claimed = session.scalars(
+        update(Charge)
+        .where(Charge.id.in_(unclaimed.scalar_subquery()))
+        .values(reconcile_claimed_until=now + lease)
+        .returning(Charge.id)
+    )
+    return sorted(claimed)
 
 
 def reconcile_charge(

@@ -26,7 +26,7 @@ from jobs.changes import pending_change_request_ids, process_change_request
 from jobs.context import BillingConfig, current_session, runtime
 from jobs.notifications import enqueue_delivery, pending_notification_ids
 from jobs.outbox import send_after_commit
-from jobs.payments import reconcile_charges, unresolved_charge_ids
+from jobs.payments import claim_unresolved_charges, reconcile_charges
 from jobs.refunds import process_refund, stale_refund_ids
 from jobs.retries import STANDARD
 from jobs.work_attempts import due_for_retry
@@ -99,7 +99,7 @@ def requeue_stale_work(session: Session, now: datetime) -> dict[str, int]:
 
 @stale_work("charges")
 def _requeue_charges(session: Session, now: datetime) -> int:
-    ids = unresolved_charge_ids(session, now)
+    ids = claim_unresolved_charges(session, now)
     if ids:
         send_after_commit(session, reconcile_charges, ids, now.isoformat())
     return len(ids)

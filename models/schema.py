@@ -261,6 +261,9 @@ class Charge(Timestamped, Base):
     # Set on a failed attempt while a later retry is scheduled; cleared once that retry is made.
     next_retry_on: Mapped[date | None]
     resolved_at: Mapped[datetime | None]
+    # Until when a reconciliation message owns this unresolved attempt: the tick enqueues it again
+    # only after that (jobs.payments.claim_unresolved_charges).
+    reconcile_claimed_until: Mapped[datetime | None]
 
     invoice: Mapped[Invoice] = relationship(back_populates="charges")
 

@@ -464,3 +464,22 @@ def test_runs_and_the_audit_log(session, billing_gateway):
     assert [row.reason for row in list_audit(session, limit=1)] == ["not a family"]
     assert list_audit(session, since=datetime.now().astimezone() + timedelta(hours=1)) == []
     assert list_audit(session, actor="ana")[0].details["new_charge_id"] > declined.id
+
+
+def test_an_unresolved_charge_is_owned_by_one_reconciliation_at_a_time(session, billing_gateway):
+    from jobs.payments import RECONCILE_LEASE, claim_unresolved_charges
+    from workers.db import get_session_factory
+
+    _, charge = declined_renewal(session, billing_gateway)
+    session.execute(update(Charge).where(Charge.id == charge.id).values(status="unknown"))
+    session.commit()
+    now = noon(DAY)
+    with get_session_factory()() as first, get_session_factory()() as second:
+        assert claim_unresolved_charges(first, now) == [charge.id]
+        assert claim_unresolved_charges(second, now) == []  # being claimed by the first: skipped
+        first.commit()
+        assert claim_unresolved_charges(second, now + RECONCILE_LEASE / 2) == []  # leased to the first
+        second.rollback()
+    # The lease lapses (the message was lost, or the gateway could not answer): the next tick claims it.
+    assert claim_unresolved_charges(session, now + RECONCILE_LEASE) == [charge.id]
+    session.commit()
