@@ -24,6 +24,7 @@ from pydantic import (
     TypeAdapter,
     field_validator,
 )
+from stdnum import luhn
 
 from models.states import Cycle, PaymentMethod
 
@@ -64,6 +65,38 @@ BRANDS: Final = frozenset(
 def looks_like_card_number(value: str) -> bool:
     digits = re.sub(r"[ \-]", "", value)
     return bool(_PAN_LIKE.match(value)) and digits.isdigit() and 12 <= len(digits) <= 19
+
+
+# 13 to 19 digits, each group separated by at most one space or dash, anywhere in a text.
+_DIGIT_RUN = re.compile(r"\d(?:[ \-]?\d){12,18}")
+
+
+def card_numbers_in(text: str) -> list[str]:
+    """The runs of 13–19 digits in `text` that pass the Luhn check: card numbers, as far as a text can
+    tell (a CNPJ may pass too, so documents are not checked with this)."""
+    found = []
+    for match in _DIGIT_RUN.finditer(text):
+        digits = re.sub(r"[ \-]", "", match.group())
+        if luhn.is_valid(digits):
+            found.append(match.group())
+    return found
+
+
+def mask_card_numbers(text: str) -> str:
+    for number in card_numbers_in(text):
+        text = text.replace(number, REDACTED)
+    return text
+
+
+def _no_card_number(value: str) -> str:
+    if card_numbers_in(value):
+        # The message never includes the value.
+        raise ValueError("parece conter um número de cartão; ele não é aceito aqui")
+    return value
+
+
+# A name: free text that never holds a card number (refused, not stored).
+NameText = Annotated[PlainText, AfterValidator(_no_card_number)]
 
 
 class _Request(BaseModel):
@@ -196,7 +229,9 @@ def redact(value: Any) -> Any:
     if isinstance(value, list):
         return [redact(item) for item in value]
     if isinstance(value, str):
-        return REDACTED if looks_like_card_number(value) else _CONTROL_CHARACTERS.sub("\ufffd", value)
+        if looks_like_card_number(value):
+            return REDACTED
+        return mask_card_numbers(_CONTROL_CHARACTERS.sub("\ufffd", value))
     return value
 
 

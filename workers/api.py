@@ -21,7 +21,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from gateways.webhooks import InvalidSignature, verify
-from jobs.contract import MAX_ID, ChangeRequestIn, PlainText, describe_field_errors, field_errors
+from jobs.contract import MAX_ID, ChangeRequestIn, NameText, PlainText, describe_field_errors, field_errors
 from jobs.organizations import MAX_MEMBERS
 from workers.db import get_session
 from workers.metrics import MetricsSource, metrics_source, refusal, scrape
@@ -195,7 +195,7 @@ class MemberIn(BaseModel):
     id: StrictInt = Field(
         gt=0, le=MAX_ID, description="The member's id in the main application (unique across organizations)"
     )
-    name: Annotated[PlainText, StringConstraints(max_length=200)] = ""
+    name: Annotated[NameText, StringConstraints(max_length=200)] = ""
     email: Email | None = None
     role: Literal["owner", "admin", "member"]
     financial_responsible: StrictBool = False
@@ -214,7 +214,7 @@ class OrganizationIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Annotated[PlainText, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+    name: Annotated[NameText, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
     document: PlainText | None = Field(None, description="CPF or CNPJ (alphanumeric CNPJ accepted); needed for boletos")
     members: list[MemberIn] = Field(
         default_factory=list,

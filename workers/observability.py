@@ -8,6 +8,8 @@ from typing import Any
 import dramatiq
 from dramatiq.broker import MessageProxy
 
+from jobs.contract import card_numbers_in, mask_card_numbers
+
 SCRUBBED = "[scrubbed]"
 
 
@@ -26,14 +28,18 @@ def scrub_event(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any]:
 class MessageArgumentsFilter(logging.Filter):
     """Dramatiq logs a failed message as `actor(args…)` ("Failed to process message %s …"), and the
     arguments of a change request carry e-mails, tokens and, sent by mistake, card numbers: a log
-    line names the actor and the message id instead. Installed on the handlers, so that it sees the
-    records of every logger."""
+    line names the actor and the message id instead, and any card number left in a line is masked.
+    Installed on the handlers, so that it sees the records of every logger."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, _MESSAGES):
             record.msg = _describe(record.msg)
         if isinstance(record.args, tuple) and any(isinstance(arg, _MESSAGES) for arg in record.args):
             record.args = tuple(_describe(arg) if isinstance(arg, _MESSAGES) else arg for arg in record.args)
+        # Whatever else a line carries (an error quoting its input, say): no card number leaves.
+        text = record.getMessage()
+        if card_numbers_in(text):
+            record.msg, record.args = mask_card_numbers(text), ()
         return True
 
 

@@ -198,3 +198,22 @@ def test_an_organization_takes_up_to_max_members_set_based_and_no_more(client: T
     rows = {m.id: m for m in session.scalars(select(Member).execution_options(populate_existing=True))}
     assert len(rows) == 2_500
     assert not rows[10_000].active and rows[10_001].name == "Renomeado" and rows[12_499].active
+
+
+@pytest.mark.parametrize("name", ["Padaria 4012 8888 8888 1881", "4012-8888-8888-1881", "Ana 4012888888881881"])
+def test_a_card_number_in_a_name_is_refused_and_never_echoed(client: TestClient, session, name: str) -> None:
+    for body in (organization_body(name=name), organization_body(members=[{"id": 5, "name": name, "role": "owner"}])):
+        response = client.put("/v1/organizations/7", json=body)
+        assert_envelope(response, 422, "invalid_request")
+        assert "4012" not in response.text
+    assert session.scalar(select(func.count()).select_from(Organization)) == 0
+
+
+def test_numbers_that_are_not_card_numbers_stay(client: TestClient) -> None:
+    from jobs.contract import card_numbers_in, redact
+
+    assert card_numbers_in("Padaria 4012 8888 8888 1882 Ltda") == []  # fails the Luhn check
+    assert card_numbers_in("Loja 123") == []
+    body = organization_body(name="Padaria 4012 8888 8888 1882")
+    assert client.put("/v1/organizations/7", json=body).status_code == 200
+    assert redact({"note": "cartão 4012 8888 8888 1881, ok"}) == {"note": "cartão [redacted], ok"}

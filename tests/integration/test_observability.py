@@ -74,3 +74,13 @@ def test_sentry_events_carry_no_local_variables() -> None:
         assert options["before_send"] is scrub_event
     finally:
         sentry_sdk.init()  # no DSN: reporting off again
+
+
+def test_a_card_number_in_any_log_line_is_masked() -> None:
+    import logging
+
+    from workers.observability import MessageArgumentsFilter
+
+    record = logging.LogRecord("jobs", logging.WARNING, __file__, 1, "refused %s for %r", ("4012888888881881", 7), None)
+    assert MessageArgumentsFilter().filter(record)
+    assert record.getMessage() == "refused [redacted] for 7"
