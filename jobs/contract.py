@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from typing import Annotated, Any, Final, Literal
 
@@ -220,7 +221,8 @@ def payload_hash(payload: Any) -> str:
 
 def redact(value: Any) -> Any:
     """A copy of a raw (possibly invalid) payload safe to store: card numbers and security codes removed,
-    control characters (which PostgreSQL's jsonb cannot all hold) replaced by U+FFFD."""
+    control characters (which PostgreSQL's jsonb cannot all hold) replaced by U+FFFD, and a NaN or an
+    infinity written as text."""
     if isinstance(value, dict):
         return {
             redact(str(key)): REDACTED if str(key).lower() in _SENSITIVE_KEYS else redact(item)
@@ -232,6 +234,8 @@ def redact(value: Any) -> Any:
         if looks_like_card_number(value):
             return REDACTED
         return mask_card_numbers(_CONTROL_CHARACTERS.sub("\ufffd", value))
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON (and PostgreSQL's jsonb) has no NaN or Infinity
     return value
 
 

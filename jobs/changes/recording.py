@@ -18,6 +18,7 @@ import jobs
 from jobs.changes.outcome import reject
 from jobs.context import BillingConfig
 from jobs.contract import (
+    MAX_ID,
     canonical_payload,
     describe_field_errors,
     field_errors,
@@ -66,8 +67,10 @@ def _identity(payload: Any) -> tuple[int, str]:
         raise UnrecordableChangeRequest("a change request must be a JSON object")
     organization_id = payload.get("organization_id")
     key = payload.get("idempotency_key")
-    if isinstance(organization_id, bool) or not isinstance(organization_id, int) or organization_id <= 0:
-        raise UnrecordableChangeRequest("organization_id (a positive integer) is required to record a request")
+    if isinstance(organization_id, bool) or not isinstance(organization_id, int) or not 0 < organization_id <= MAX_ID:
+        raise UnrecordableChangeRequest(
+            "organization_id (a positive integer, at most 2^63 − 1) is required to record a request"
+        )
     if not isinstance(key, str) or not key.strip() or len(key.strip()) > 255 or has_control_characters(key):
         raise UnrecordableChangeRequest(
             "idempotency_key (1 to 255 characters, no control characters) is required to record a request"
@@ -76,7 +79,7 @@ def _identity(payload: Any) -> tuple[int, str]:
 
 
 def _optional_id(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**63 else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_ID else None
 
 
 def record_change_request(session: Session, payload: Any, *, source: str, now: datetime) -> Recorded:
