@@ -73,6 +73,23 @@ v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 webhooks = APIRouter(prefix="/v1/webhooks")
 
 
+class FieldError(BaseModel):
+    field: str = Field(examples=["to_cycle"])
+    code: str = Field(examples=["literal_error"])
+    message: str
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(examples=["boleto_already_issued"])
+    message: str = Field(description="pt-BR, for people")
+    fields: list[FieldError] | None = Field(None, description="422 only: what is wrong with each field")
+    details: dict[str, Any] | None = Field(None, description="facts behind a rejection, e.g. the deadline")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
 # The columns of gateway_events.
 EVENT_ID_LENGTH = 128
 EVENT_TYPE_LENGTH = 64
@@ -88,7 +105,17 @@ def _has_nul(value: Any) -> bool:
     return False
 
 
-@webhooks.post("/gateway", status_code=status.HTTP_200_OK)
+@webhooks.post(
+    "/gateway",
+    status_code=status.HTTP_200_OK,
+    responses={
+        400: {
+            "model": ErrorBody,
+            "description": "invalid_signature (Renova-Signature missing, wrong or stale) or invalid_event "
+            "(not {id, type, data}, an id over 128 or a type over 64 characters, a NUL); nothing is stored",
+        }
+    },
+)
 async def gateway_webhook(
     request: Request,
     session: SessionDep,
@@ -162,23 +189,6 @@ class _ContractRoute(APIRoute):
                 ) from None
 
         return route
-
-
-class FieldError(BaseModel):
-    field: str = Field(examples=["to_cycle"])
-    code: str = Field(examples=["literal_error"])
-    message: str
-
-
-class ErrorDetail(BaseModel):
-    code: str = Field(examples=["boleto_already_issued"])
-    message: str = Field(description="pt-BR, for people")
-    fields: list[FieldError] | None = Field(None, description="422 only: what is wrong with each field")
-    details: dict[str, Any] | None = Field(None, description="facts behind a rejection, e.g. the deadline")
-
-
-class ErrorBody(BaseModel):
-    error: ErrorDetail
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {

@@ -217,3 +217,8 @@ def test_numbers_that_are_not_card_numbers_stay(client: TestClient) -> None:
     body = organization_body(name="Padaria 4012 8888 8888 1882")
     assert client.put("/v1/organizations/7", json=body).status_code == 200
     assert redact({"note": "cartão 4012 8888 8888 1881, ok"}) == {"note": "cartão [redacted], ok"}
+
+
+def test_the_webhook_documents_its_refusals(client: TestClient) -> None:
+    answers = client.get("/openapi.json").json()["paths"]["/v1/webhooks/gateway"]["post"]["responses"]
+    assert answers["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
