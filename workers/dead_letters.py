@@ -15,6 +15,7 @@ import dramatiq
 import redis
 from sqlalchemy.orm import Session
 
+from jobs.contract import redact
 from workers.queues import NAMESPACE, QUEUES
 
 # Message arguments may carry gateway tokens and e-mail addresses: shown masked.
@@ -35,10 +36,16 @@ class DeadLetter:
 
 
 def _masked(value: Any) -> Any:
+    """Arguments as on-call may read them: tokens, e-mails and documents starred, card numbers (under
+    any key, or inside a text) redacted (`jobs.contract.redact`)."""
+    return _starred(redact(value))
+
+
+def _starred(value: Any) -> Any:
     if isinstance(value, dict):
-        return {key: "***" if key in _MASKED_KEYS else _masked(item) for key, item in value.items()}
+        return {key: "***" if key in _MASKED_KEYS else _starred(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [_masked(item) for item in value]
+        return [_starred(item) for item in value]
     return value
 
 

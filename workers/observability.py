@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import dramatiq
 from dramatiq.broker import MessageProxy
+from stdnum.br import cnpj, cpf
 
-from jobs.contract import card_numbers_in, mask_card_numbers
+from jobs.contract import mask_card_numbers
 
 SCRUBBED = "[scrubbed]"
 
@@ -36,10 +38,12 @@ class MessageArgumentsFilter(logging.Filter):
             record.msg = _describe(record.msg)
         if isinstance(record.args, tuple) and any(isinstance(arg, _MESSAGES) for arg in record.args):
             record.args = tuple(_describe(arg) if isinstance(arg, _MESSAGES) else arg for arg in record.args)
-        # Whatever else a line carries (an error quoting its input, say): no card number leaves.
+        # Whatever else a line carries (an error quoting its input, say): no card number, e-mail or
+        # CPF/CNPJ leaves.
         text = record.getMessage()
-        if card_numbers_in(text):
-            record.msg, record.args = mask_card_numbers(text), ()
+        masked = mask_personal_data(text)
+        if masked != text:
+            record.msg, record.args = masked, ()
         return True
 
 
@@ -49,6 +53,19 @@ _MESSAGES = (dramatiq.Message, MessageProxy)
 
 def _describe(message: dramatiq.Message[Any] | MessageProxy) -> str:
     return f"{message.actor_name}[{message.message_id}]"
+
+
+_EMAIL = re.compile(r"[\w.+\-]+@[\w\-]+(?:\.[\w\-]+)+")
+_CPF = re.compile(r"(?<![\d.])\d{3}\.?\d{3}\.?\d{3}-?\d{2}(?![\d\-])")
+_CNPJ = re.compile(r"(?<![\d.])\d{2}\.?\d{3}\.?\d{3}/?\d{4}-?\d{2}(?![\d\-])")
+
+
+def mask_personal_data(text: str) -> str:
+    """`text` with card numbers, e-mail addresses and valid CPFs/CNPJs replaced by a label."""
+    text = mask_card_numbers(text)
+    text = _EMAIL.sub("[e-mail]", text)
+    text = _CNPJ.sub(lambda match: "[documento]" if cnpj.is_valid(match.group()) else match.group(), text)
+    return _CPF.sub(lambda match: "[documento]" if cpf.is_valid(match.group()) else match.group(), text)
 
 
 def install_log_filters() -> None:

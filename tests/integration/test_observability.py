@@ -84,3 +84,25 @@ def test_a_card_number_in_any_log_line_is_masked() -> None:
     record = logging.LogRecord("jobs", logging.WARNING, __file__, 1, "refused %s for %r", ("4012888888881881", 7), None)
     assert MessageArgumentsFilter().filter(record)
     assert record.getMessage() == "refused [redacted] for 7"
+
+
+def test_personal_data_in_a_log_line_is_masked_and_the_rest_kept() -> None:
+    from workers.observability import mask_personal_data
+
+    line = (
+        "recipient ana.maria+cobranca@acme.example refused; CNPJ 11.222.333/0001-81, CPF 52998224725, "
+        "card 4012 8888 8888 1881; invoice 12345, charge 98765432101 (not a CPF)"
+    )
+    assert mask_personal_data(line) == (
+        "recipient [e-mail] refused; CNPJ [documento], CPF [documento], "
+        "card [redacted]; invoice 12345, charge 98765432101 (not a CPF)"
+    )
+
+
+def test_dead_letter_arguments_hide_tokens_e_mails_documents_and_card_numbers() -> None:
+    from workers.dead_letters import _masked
+
+    arguments = [
+        {"token": "tok_1", "email": "a@b.example", "brand": "4012888888881881", "note": "pan 4012 8888 8888 1881"}
+    ]
+    assert _masked(arguments) == [{"token": "***", "email": "***", "brand": "[redacted]", "note": "pan [redacted]"}]
