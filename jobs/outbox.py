@@ -73,16 +73,13 @@ def _send(session: Session) -> None:
 
 @event.listens_for(Session, "after_soft_rollback")
 def _discard(session: Session, rolled_back: SessionTransaction) -> None:
-    if not rolled_back.nested:
-        session.info.pop(_KEY, None)
-        return
-    # A savepoint rolled back: only what it queued goes.
-    kept = [message for message in session.info.get(_KEY, []) if message[0] is not rolled_back]
-    session.info[_KEY] = kept
+    # A savepoint rolled back: only what it queued goes (the outermost transaction's end is `_forget`).
+    if rolled_back.nested:
+        session.info[_KEY] = [message for message in session.info.get(_KEY, []) if message[0] is not rolled_back]
 
 
 @event.listens_for(Session, "after_transaction_end")
 def _forget(session: Session, ended: SessionTransaction) -> None:
-    # The outermost transaction ended without its commit sending them (a close, say): they go.
+    # The outermost transaction ended without its commit sending them (a rollback, a close): they go.
     if ended.parent is None and not ended.nested:
         session.info.pop(_KEY, None)

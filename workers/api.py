@@ -782,11 +782,14 @@ def create_app() -> FastAPI:
         except SQLAlchemyError:
             session.rollback()
             answer["database"] = "down"
+        client = redis.Redis.from_url(resolved_urls()[1], socket_timeout=1, socket_connect_timeout=1)
         try:
-            redis.Redis.from_url(resolved_urls()[1], socket_timeout=1, socket_connect_timeout=1).ping()
+            client.ping()
             answer["redis"] = "up"
         except (redis.RedisError, OSError):
             answer["redis"] = "down"
+        finally:
+            client.close()
         if "down" in (answer["database"], answer["redis"]):
             answer["status"] = "degraded"
         if runtime().config.allow_future_dates and answer["database"] == "up":  # production reads the real clock

@@ -24,7 +24,7 @@ register_transient(redis.RedisError)
 
 class ScrubbedLogs(Middleware):
     """A worker process's log lines name a message by actor and id, never by its arguments
-    (`workers.observability.MessageArgumentsFilter`)."""
+    (`workers.observability.PersonalDataFilter`)."""
 
     def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         from workers.observability import install_log_filters

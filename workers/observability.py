@@ -27,7 +27,7 @@ def scrub_event(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
-class MessageArgumentsFilter(logging.Filter):
+class PersonalDataFilter(logging.Filter):
     """Dramatiq logs a failed message as `actor(args…)` ("Failed to process message %s …"), and the
     arguments of a change request carry e-mails, tokens and, sent by mistake, card numbers: a log
     line names the actor and the message id instead, and any card number left in a line is masked.
@@ -69,7 +69,7 @@ def mask_personal_data(text: str) -> str:
 
 
 def install_log_filters() -> None:
-    """Add MessageArgumentsFilter to every handler of the root logger that lacks it."""
+    """Add PersonalDataFilter to every handler of the root logger that lacks it."""
     for handler in logging.getLogger().handlers:
-        if not any(isinstance(existing, MessageArgumentsFilter) for existing in handler.filters):
-            handler.addFilter(MessageArgumentsFilter())
+        if not any(isinstance(existing, PersonalDataFilter) for existing in handler.filters):
+            handler.addFilter(PersonalDataFilter())

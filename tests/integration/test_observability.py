@@ -79,10 +79,10 @@ def test_sentry_events_carry_no_local_variables() -> None:
 def test_a_card_number_in_any_log_line_is_masked() -> None:
     import logging
 
-    from workers.observability import MessageArgumentsFilter
+    from workers.observability import PersonalDataFilter
 
     record = logging.LogRecord("jobs", logging.WARNING, __file__, 1, "refused %s for %r", ("4012888888881881", 7), None)
-    assert MessageArgumentsFilter().filter(record)
+    assert PersonalDataFilter().filter(record)
     assert record.getMessage() == "refused [redacted] for 7"
 
 

@@ -64,7 +64,7 @@ def test_healthz_says_what_is_down(client_without_database) -> None:
     assert (answer["status"], answer["database"], answer["redis"]) == ("degraded", "down", "up")
 
 
-def test_healthz_says_all_is_up(migrated_database, monkeypatch) -> None:
+def test_healthz_says_all_is_up(migrated_database) -> None:
     get_settings.cache_clear()
     from workers.api import create_app
 

@@ -11,14 +11,12 @@ from fastapi.responses import RedirectResponse, Response
 
 from workers.console.auth import Forbidden, LoginRequired
 from workers.console.views import page
-from workers.settings import DEVELOPMENT_CONSOLE_SECRET, Settings, SettingsError
+from workers.settings import Settings
 
 
 def mount_console(app: FastAPI, settings: Settings) -> None:
-    if settings.renova_env == "production" and (
-        settings.console_secret_key.get_secret_value() in ("", DEVELOPMENT_CONSOLE_SECRET)
-    ):
-        raise SettingsError("CONSOLE_SECRET_KEY is required in production (it signs the console's sessions)")
+    # A development CONSOLE_SECRET_KEY in production is refused before this, with the other unsafe
+    # settings (`workers.settings.production_problems`, checked by `create_app`).
     from workers.console.pages import router
 
     @app.exception_handler(LoginRequired)
