@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint format bench bench-quick clean
+.PHONY: install test demo chaos lint format bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: $(STAMP)
 # Months of billing on the embedded stack in about two minutes; `make demo ARGS=--keep` leaves it running.
 demo: $(STAMP)
 	$(BIN)/renova demo $(ARGS)
+
+# The demo's customers while workers, Redis, PostgreSQL and the scheduler are killed; PASS or FAIL.
+chaos: $(STAMP)
+	$(BIN)/renova chaos $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -69,7 +69,7 @@ def search_subscriptions(session: Session, term: str, *, limit: int = 50) -> lis
             sub.id,
             org.id,
             org.name,
-            org.document,
+            masked_document(org.document),
             sub.cycle,
             sub.effective_payment_method,
             sub.status,
@@ -142,6 +142,25 @@ def search_change_requests(
     if until is not None:
         query = query.where(func.date(ChangeRequest.created_at) <= until)
     return list(session.scalars(query))
+
+
+def masked_document(document: str | None) -> str | None:
+    """A CPF or CNPJ as shown back to people and to the API: its check digits only."""
+    if not document:
+        return document
+    if len(document) == 11:
+        return f"***.***.***-{document[-2:]}"
+    if len(document) == 14:
+        return f"**.***.***/****-{document[-2:]}"
+    return f"…{document[-2:]}"
+
+
+def masked_email(email: str | None) -> str | None:
+    """An e-mail address as shown back: its first character and its domain (`d***@acme.example`)."""
+    if not email or "@" not in email:
+        return email
+    local, domain = email.rsplit("@", 1)
+    return f"{local[:1]}***@{domain}"
 
 
 def masked_payload(payload: dict[str, Any]) -> dict[str, Any]:

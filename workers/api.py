@@ -92,6 +92,8 @@ class ErrorBody(BaseModel):
 
 # The columns of gateway_events.
 EVENT_ID_LENGTH = 128
+# A 503's Retry-After while PostgreSQL or Redis is out of reach.
+RETRY_AFTER_SECONDS = 5
 EVENT_TYPE_LENGTH = 64
 
 
@@ -236,7 +238,7 @@ class OrganizationIn(BaseModel):
 class MemberOut(BaseModel):
     id: int
     name: str
-    email: str | None
+    email: str | None = Field(description="masked: its first character and its domain (`d***@acme.example`)")
     role: str
     financial_responsible: bool
     active: bool
@@ -246,7 +248,7 @@ class MemberOut(BaseModel):
 class OrganizationOut(BaseModel):
     id: int
     name: str
-    document: str | None
+    document: str | None = Field(description="masked: the CPF's or CNPJ's check digits only (`**.***.***/****-81`)")
     members: list[MemberOut]
 
 
@@ -259,7 +261,9 @@ class ChangeRequestOut(BaseModel):
     kind: str
     source: Literal["api", "queue"] | str
     status: Literal["pending", "applied", "rejected"] | str
-    params: dict[str, Any] = Field(description="the kind's parameters as recorded (a card token is masked)")
+    params: dict[str, Any] = Field(
+        description="the kind's parameters as recorded (a card token shows only its last four characters)"
+    )
     error: ErrorDetail | None
     result: dict[str, Any] | None = Field(description="e.g. the proration quote, the new renewal date, the boleto")
     created_at: datetime
@@ -312,9 +316,9 @@ _COMMON_FIELDS = ("organization_id", "subscription_id", "requested_by", "idempot
 
 
 def _change_request_out(request: Any) -> ChangeRequestOut:
-    params = {key: value for key, value in (request.payload or {}).items() if key not in _COMMON_FIELDS}
-    if isinstance(params.get("token"), str):
-        params["token"] = params["token"][:4] + "…"
+    from jobs.lookups import masked_payload
+
+    params = masked_payload({key: value for key, value in (request.payload or {}).items() if key not in _COMMON_FIELDS})
     result = dict(request.result) if request.result else None
     error = None
     if request.error_code:
@@ -341,6 +345,7 @@ def _change_request_out(request: Any) -> ChangeRequestOut:
 
 
 def _organization_out(session: Session, organization: Any) -> OrganizationOut:
+    from jobs.lookups import masked_document, masked_email
     from models.policy import can_change_billing
     from models.schema import Member
 
@@ -348,12 +353,12 @@ def _organization_out(session: Session, organization: Any) -> OrganizationOut:
     return OrganizationOut(
         id=organization.id,
         name=organization.name,
-        document=organization.document,
+        document=masked_document(organization.document),
         members=[
             MemberOut(
                 id=member.id,
                 name=member.name,
-                email=member.email,
+                email=masked_email(member.email),
                 role=member.role,
                 financial_responsible=member.financial_responsible,
                 active=member.active,
@@ -805,13 +810,18 @@ def create_app() -> FastAPI:
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
     @app.exception_handler(redis.ConnectionError)
-    async def unavailable(request: Request, exc: Exception) -> JSONResponse:
+    async def unavailable(request: Request, exc: Exception) -> Response:
         # PostgreSQL or Redis out of reach: nothing was done, and the same request can be sent again.
-        what = "Redis" if isinstance(exc, redis.RedisError) else "the database"
+        redis_down = isinstance(exc, redis.RedisError)
+        if request.url.path.startswith("/console"):
+            from workers.console.views import unavailable_page
+
+            return unavailable_page(request, "o Redis" if redis_down else "o banco de dados", RETRY_AFTER_SECONDS)
+        what = "Redis" if redis_down else "the database"
         return JSONResponse(
             {"error": {"code": "unavailable", "message": f"{what} is unavailable; try again shortly"}},
             status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-            headers={"Retry-After": "5"},
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         )
 
     @app.get("/metrics", include_in_schema=False)

@@ -71,7 +71,9 @@ def init_sentry(settings: Settings) -> None:
     )
 
 
-def build_broker(redis_url: str, worker_metrics_port: int | None = None) -> RedisBroker:
+def build_broker(
+    redis_url: str, worker_metrics_port: int | None = None, settings: Settings | None = None
+) -> RedisBroker:
     middleware: list[Middleware] = [
         RefuseUnsafeProduction(),
         ScrubbedLogs(),
@@ -95,7 +97,13 @@ def build_broker(redis_url: str, worker_metrics_port: int | None = None) -> Redi
         from workers.worker_metrics import WorkerMetrics
 
         middleware.append(WorkerMetrics(worker_metrics_port))
-    broker = RedisBroker(url=redis_url, middleware=middleware)
+    settings = settings or get_settings()
+    broker = RedisBroker(
+        url=redis_url,
+        middleware=middleware,
+        heartbeat_timeout=settings.worker_heartbeat_timeout_ms,
+        maintenance_chance=settings.redis_maintenance_chance,
+    )
     for queue in QUEUES:
         broker.declare_queue(queue)
     return broker
@@ -139,7 +147,7 @@ def setup() -> RedisBroker:
     settings = get_settings()
     init_sentry(settings)
     _, redis_url = resolved_urls()
-    broker = build_broker(redis_url, settings.worker_metrics_port)
+    broker = build_broker(redis_url, settings.worker_metrics_port, settings)
     dramatiq.set_broker(broker)
     configure(
         Runtime(

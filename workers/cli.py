@@ -17,7 +17,17 @@ import typer
 from rich.table import Table
 
 from workers.cli_attention import attention_app
-from workers.cli_common import DEPENDENCY_ERRORS, Outage, business_today, console, current_now, fail, wire
+from workers.cli_chaos import chaos
+from workers.cli_common import (
+    DEPENDENCY_ERRORS,
+    Outage,
+    business_today,
+    console,
+    current_now,
+    fail,
+    use_environment,
+    wire,
+)
 from workers.cli_oncall import audit_app, charges_app, invoices_app, runs_app
 from workers.cli_operators import operators_app
 from workers.settings import Settings, SettingsError, get_settings
@@ -49,6 +59,7 @@ app.add_typer(invoices_app, name="invoices")
 app.add_typer(audit_app, name="audit")
 app.add_typer(attention_app, name="attention")
 app.add_typer(operators_app, name="operators")
+app.command()(chaos)
 
 
 @app.callback()
@@ -1070,16 +1081,6 @@ def simulate(
 # --- the demo ------------------------------------------------------------------------------------
 
 
-def _use_environment(env: dict[str, str]) -> None:
-    """Point this process's settings, database and (not yet built) broker at another stack."""
-    from workers.db import reset, resolved_urls
-
-    os.environ.update(env)
-    get_settings.cache_clear()
-    reset()
-    resolved_urls.cache_clear()
-
-
 @app.command()
 def demo(
     orgs: int = typer.Option(60, "--orgs", min=1, max=500, help="How many organizations subscribe."),
@@ -1110,7 +1111,7 @@ def demo(
     started = time.monotonic()
     try:
         stack.start(say=console.print)
-        _use_environment(stack.env)
+        use_environment(stack.env)
         wire()
         from jobs.context import runtime
         from models.calendar import local_today

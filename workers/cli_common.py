@@ -19,6 +19,18 @@ from workers.settings import get_settings
 console = Console()
 
 
+def use_environment(env: dict[str, str]) -> None:
+    """Point this process's settings, database and (not yet built) broker at another stack."""
+    import os
+
+    from workers.db import reset, resolved_urls
+
+    os.environ.update(env)
+    get_settings.cache_clear()
+    reset()
+    resolved_urls.cache_clear()
+
+
 def wire() -> None:
     """Build the broker and bind the actors; must run before any actor module is imported."""
     import workers.broker  # noqa: F401

@@ -49,6 +49,9 @@ class DemoStack:
     api_key: str = ""
     gateway_api_key: str = ""
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # Settings added to (or overriding) the demo's own, for every process.
+    extra_env: dict[str, str] = field(default_factory=dict)
+    commands: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def logs(self) -> Path:
@@ -91,6 +94,7 @@ class DemoStack:
             "WORKER_THREADS": "8",
             "WORKER_IDLE_POLL_MS": str(IDLE_POLL_MS),
             "SENTRY_DSN": "",
+            **self.extra_env,
         }
         from workers.migrate import upgrade
 
@@ -112,7 +116,20 @@ class DemoStack:
     def start_scheduler(self) -> None:
         self._spawn("scheduler", "scheduler")
 
+    def kill(self, name: str) -> None:
+        """SIGKILL `name` and every process of its group (a worker's children too), as a crash would."""
+        process = self.processes.pop(name)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        self._record()
+
+    def respawn(self, name: str) -> None:
+        """Start `name` again with its command, as a process supervisor does after it died."""
+        self._spawn(name, *self.commands[name])
+
     def _spawn(self, name: str, *args: str) -> None:
+        self.commands[name] = args
         log = (self.logs / f"{name}.log").open("ab")
         # Its own process group, so stopping takes the worker's child processes along.
         self.processes[name] = subprocess.Popen(

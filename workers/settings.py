@@ -62,6 +62,13 @@ class Settings(BaseSettings):
     # queue before a worker takes it. Dramatiq's 1 s would be most of a change request's latency; 100 ms
     # costs each idle queue of each process ten cheap Redis calls a second.
     worker_idle_poll_ms: int = Field(100, ge=10, le=60_000, alias="WORKER_IDLE_POLL_MS")
+    # A worker process silent this long counts as dead: the messages it held go back to their queue.
+    # Dramatiq's 60 s; shorter gets work back sooner after a crash, but a live worker whose every
+    # thread is busy that long without touching Redis would have its messages handed out again.
+    worker_heartbeat_timeout_ms: int = Field(60_000, ge=1_000, le=3_600_000, alias="WORKER_HEARTBEAT_TIMEOUT_MS")
+    # Per million Redis commands of a queue, how many also return dead workers' messages of that queue
+    # (Dramatiq's maintenance, which scans Redis's keys): Dramatiq's 1,000.
+    redis_maintenance_chance: int = Field(1_000, ge=0, le=1_000_000, alias="REDIS_MAINTENANCE_CHANCE")
     # Bearer token of `GET /metrics`. Unset: served openly in development and test, refused (404) in
     # production, where volumes and failures are not for everyone to read.
     metrics_token: SecretStr | None = Field(None, alias="METRICS_TOKEN")

@@ -13,6 +13,7 @@ API conventions (shaped like Stripe's):
   a negative line next to the charge it gives back from;
 - faults per process (`serve` options, POST /sandbox/config) or per request (headers
   `Sandbox-Latency-Ms`, `Sandbox-Timeout-Rate`, `Sandbox-Unavailable-Rate`, `Sandbox-Stall-Ms`);
+  GET /sandbox/faults counts those injected since the start (`unavailable`, `stalled`);
 - requests with a `Sandbox-Probe: NAME` header are counted under NAME, and GET /sandbox/probes/NAME
   tells how many were in flight at once at most (what a client's concurrency looks like from here).
 """
@@ -27,6 +28,7 @@ import json
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import date
 from pathlib import Path
@@ -137,6 +139,8 @@ def create_app(config: SandboxConfig, data_dir: Path, stopping: threading.Event 
     app.state.config = config
     probes: dict[str, _Probe] = {}
     app.add_middleware(_CountProbes, probes=probes)
+    # Faults injected since the server started, by kind: what a fault-injection run reports.
+    injected: Counter[str] = Counter()
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -169,6 +173,7 @@ def create_app(config: SandboxConfig, data_dir: Path, stopping: threading.Event 
         if found.latency_ms:
             await asyncio.sleep(found.latency_ms / 1000)
         if found.unavailable_rate and random.random() < found.unavailable_rate:
+            injected["unavailable"] += 1
             raise NotProcessed
         return found
 
@@ -176,6 +181,7 @@ def create_app(config: SandboxConfig, data_dir: Path, stopping: threading.Event 
         if reply.processed and (reply.stall or random.random() < found.timeout_rate):
             # Done and stored, but the answer comes too late: the client cannot know it was charged.
             # A shutdown cuts the stall short, so stopping the sandbox never waits for it.
+            injected["stalled"] += 1
             deadline = time.monotonic() + found.stall_ms / 1000
             while not stopping.is_set() and (remaining := deadline - time.monotonic()) > 0:
                 await asyncio.sleep(min(remaining, 0.1))
@@ -314,6 +320,10 @@ def create_app(config: SandboxConfig, data_dir: Path, stopping: threading.Event 
         return JSONResponse(
             {"in_flight": found.in_flight, "max_in_flight": found.max_in_flight, "requests": found.requests}
         )
+
+    @sandbox.get("/faults")
+    async def faults_injected() -> JSONResponse:
+        return JSONResponse({"unavailable": injected["unavailable"], "stalled": injected["stalled"]})
 
     @sandbox.get("/config")
     async def get_config() -> JSONResponse:

@@ -134,11 +134,16 @@ def test_subscriptions_are_found_by_name_document_and_ids(console_server: Consol
     for term in ("acme", CNPJ_FORMATTED, "7", f"#{subscription.id}"):
         found = client.get("/console/subscriptions", params={"q": term})
         assert f'href="/console/subscriptions/{subscription.id}"' in found.text, term
+        # Shown without its CNPJ (only the check digits), unless the operator typed it into the search box.
+        shown = found.text.replace(f'value="{term}"', "")
+        assert CNPJ not in shown and CNPJ_FORMATTED not in shown
+        assert f"**.***.***/****-{CNPJ[-2:]}" in shown
     assert "Nada encontrado" in client.get("/console/subscriptions", params={"q": "zzz_%"}).text
 
     detail = client.get(f"/console/subscriptions/{subscription.id}")
     assert detail.status_code == 200
     assert "Acme Soluções" in detail.text and "mensal" in detail.text
+    assert CNPJ not in detail.text and f"**.***.***/****-{CNPJ[-2:]}" in detail.text
     assert client.get("/console/subscriptions/999999").status_code == 404
 
 

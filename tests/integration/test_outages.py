@@ -71,3 +71,15 @@ def test_healthz_says_all_is_up(migrated_database) -> None:
     with TestClient(create_app()) as client:
         answer = client.get("/healthz").json()
     assert (answer["status"], answer["database"], answer["redis"]) == ("ok", "up", "up")
+
+
+def test_the_console_shows_a_page_while_the_database_is_down(client_without_database) -> None:
+    client_without_database.headers.pop("Authorization")
+    response = client_without_database.post(
+        "/console/login", data={"email": "ops@renova.example", "password": "qualquer-senha"}, follow_redirects=False
+    )
+    assert response.status_code == 503
+    assert response.headers["content-type"].startswith("text/html")
+    assert response.headers["Retry-After"] == "5"
+    assert "Serviço temporariamente indisponível" in response.text
+    assert "Nada foi alterado" in response.text

@@ -11,6 +11,7 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 
+from jobs.lookups import masked_document
 from models.calendar import format_date_br
 from models.money import format_brl
 from workers.settings import get_settings
@@ -74,8 +75,23 @@ def label(value: str | None) -> str:
 
 
 templates = Jinja2Templates(directory=str(TEMPLATES))
-templates.env.filters.update(brl=brl, data=data, datahora=datahora, label=label)
+templates.env.filters.update(brl=brl, data=data, datahora=datahora, label=label, documento=masked_document)
 
 
 def page(request: Request, template: str, context: dict[str, Any], *, status_code: int = 200) -> HTMLResponse:
     return templates.TemplateResponse(request, template, context, status_code=status_code)
+
+
+def unavailable_page(request: Request, what: str, retry_after_seconds: int) -> HTMLResponse:
+    """503 while PostgreSQL or Redis is out of reach: a page, not the API's JSON, and nothing was done."""
+    response = page(
+        request,
+        "error.html",
+        {
+            "title": "Serviço temporariamente indisponível",
+            "message": f"Não foi possível acessar {what}. Nada foi alterado; tente de novo em instantes.",
+        },
+        status_code=503,
+    )
+    response.headers["Retry-After"] = str(retry_after_seconds)
+    return response
