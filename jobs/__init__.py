@@ -16,6 +16,7 @@ ACTOR_MODULES: tuple[str, ...] = (
     "jobs.billing_day",
     "jobs.tick",
     "jobs.changes",
+    "jobs.event_delivery",
 )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from email.message import EmailMessage
 from typing import TYPE_CHECKING, Protocol
 
@@ -43,6 +44,8 @@ class Runtime:
     config: BillingConfig = field(default_factory=BillingConfig)
     mailer_factory: Callable[[], Mailer] | None = None
     mail_from: str = "CONECTA Cobrança <cobranca@conecta.example>"
+    # The first wait before an event delivery is tried again (then × 4 each time, at most 12 h).
+    event_retry_first: timedelta = timedelta(seconds=5)
 
 
 _runtime: Runtime | None = None

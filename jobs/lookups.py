@@ -163,6 +163,42 @@ def masked_email(email: str | None) -> str | None:
     return f"{local[:1]}***@{domain}"
 
 
+# A request's payload fields that the API shows as the request's own, not among its `params`.
+_COMMON_FIELDS = ("organization_id", "subscription_id", "requested_by", "idempotency_key", "kind")
+
+
+def change_request_view(request: Any) -> dict[str, Any]:
+    """A change request as the API shows it (`GET /v1/change-requests/{id}`, its events): the kind's
+    parameters with the card token masked, the error with its fields and facts, the result."""
+    params = masked_payload({key: value for key, value in (request.payload or {}).items() if key not in _COMMON_FIELDS})
+    result = dict(request.result) if request.result else None
+    error = None
+    if request.error_code:
+        details = (result or {}).pop("error_details", None)
+        fields = details.get("fields") if isinstance(details, dict) else None
+        error = {
+            "code": request.error_code,
+            "message": request.error_message or "",
+            "fields": fields,
+            "details": details,
+        }
+    return {
+        "id": request.id,
+        "organization_id": request.organization_id,
+        "subscription_id": request.subscription_id,
+        "requested_by": request.requested_by,
+        "idempotency_key": request.idempotency_key,
+        "kind": request.kind,
+        "source": request.source,
+        "status": request.status,
+        "params": params,
+        "error": error,
+        "result": result or None,
+        "created_at": request.created_at,
+        "processed_at": request.processed_at,
+    }
+
+
 def masked_payload(payload: dict[str, Any]) -> dict[str, Any]:
     """The request's parameters as shown to people: card tokens cut to their last four characters."""
     return {

@@ -20,10 +20,13 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 import jobs
+from jobs import clock
 from jobs.billing_day import claim_run, run_billing_day
 from jobs.boletos import process_gateway_event
 from jobs.changes import pending_change_request_ids, process_change_request
 from jobs.context import BillingConfig, current_session, runtime
+from jobs.event_delivery import deliver_events, due_deliveries
+from jobs.events import forget_old_events
 from jobs.notifications import enqueue_delivery, pending_notification_ids
 from jobs.outbox import send_after_commit
 from jobs.payments import claim_unresolved_charges, reconcile_charges
@@ -135,6 +138,17 @@ def _requeue_gateway_events(session: Session, now: datetime) -> int:
 @stale_work("refunds")
 def _requeue_refunds(session: Session, now: datetime) -> int:
     return _send_each(session, process_refund, stale_refund_ids(session, now))
+
+
+@stale_work("event_deliveries")
+def _deliver_events(session: Session, now: datetime) -> int:
+    """Deliveries due (by the wall clock: retries wait for real receivers, not for the test clock);
+    events past their retention forgotten."""
+    forget_old_events(session, clock.wall_clock())
+    if not due_deliveries(session, clock.wall_clock()):
+        return 0
+    send_after_commit(session, deliver_events)
+    return 1
 
 
 @stale_work("change_requests")

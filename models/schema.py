@@ -519,3 +519,69 @@ class Operator(Base):
     active: Mapped[bool] = mapped_column(server_default=text("true"))
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     last_login_at: Mapped[datetime | None]
+
+
+class WebhookEndpoint(Base):
+    """Where events are pushed (`jobs.event_delivery`): the main application's URL, its own signing
+    secret, and the event types it wants (all when empty)."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    # Standard Webhooks signing secret (`whsec_…`): Renova must sign with it, so it is kept as is.
+    secret: Mapped[str] = mapped_column(Text)
+    event_types: Mapped[list[Any]] = mapped_column(server_default=text("'[]'::jsonb"))
+    description: Mapped[str] = mapped_column(Text, server_default="")
+    enabled: Mapped[bool] = mapped_column(server_default=text("true"))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class Event(Base):
+    """What changed, for the main application (`jobs.events`). Written only by the database's triggers
+    (migration 0008), in the transaction of the change: a snapshot of the row, shaped as the API shows
+    it when read."""
+
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_order", "txid", "id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    type: Mapped[str] = mapped_column(String(64))
+    object_type: Mapped[str] = mapped_column(String(32))
+    object_id: Mapped[int]
+    organization_id: Mapped[int]
+    subscription_id: Mapped[int | None]
+    snapshot: Mapped[dict[str, Any]]
+    # The business instant (the test clock's when one is set).
+    occurred_at: Mapped[datetime]
+    # The inserting transaction's id: the read order (`jobs.events.list_events`).
+    txid: Mapped[int] = mapped_column(server_default=text("(pg_current_xact_id())::text::bigint"))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now(), index=True)
+
+
+class EventDelivery(Base):
+    """One event for one endpoint: pending until the endpoint answers 2xx, failed after three days."""
+
+    __tablename__ = "event_deliveries"
+    __table_args__ = (
+        CheckConstraint("status IN ('pending', 'delivered', 'failed')", name="status"),
+        UniqueConstraint("event_id", "endpoint_id"),
+        Index(
+            "ix_event_deliveries_pending", "endpoint_id", "ordering_key", postgresql_where=text("status = 'pending'")
+        ),
+        Index("ix_event_deliveries_endpoint", "endpoint_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    event_id: Mapped[int] = mapped_column(ForeignKey("events.id", ondelete="CASCADE"))
+    endpoint_id: Mapped[int] = mapped_column(ForeignKey("webhook_endpoints.id"))
+    # Deliveries of one key go out in event order: `subscription:<id>`, else `organization:<id>`.
+    ordering_key: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    next_attempt_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    last_attempt_at: Mapped[datetime | None]
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_response: Mapped[str | None] = mapped_column(Text)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[datetime | None]

@@ -3,17 +3,13 @@ gateway webhooks (signed), and a health check and Prometheus metrics (`workers/m
 
 from __future__ import annotations
 
-import hmac
 import json
-from collections.abc import Callable, Coroutine
 from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import redis
-from fastapi import APIRouter, Body, Depends, FastAPI, Header, HTTPException, Path, Request, Response, status
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Body, Depends, FastAPI, Header, HTTPException, Request, Response, status
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints, field_validator
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
@@ -21,9 +17,25 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from gateways.webhooks import InvalidSignature, verify
-from jobs.contract import MAX_ID, ChangeRequestIn, NameText, PlainText, describe_field_errors, field_errors
+from jobs.contract import MAX_ID, ChangeRequestIn, NameText, PlainText
 from jobs.organizations import MAX_MEMBERS
-from workers.db import get_session
+from workers.api_common import (
+    ERRORS,
+    ChangeRequestOut,
+    ContractRoute,
+    DbId,
+    ErrorBody,
+    ErrorDetail,
+    SessionDep,
+    SubscriptionOut,
+    change_request_out,
+    clock_now,
+    invalid,
+    not_found,
+    require_api_key,
+    subscription_out,
+)
+from workers.api_reads import reads
 from workers.metrics import MetricsSource, metrics_source, refusal, scrape
 from workers.settings import Settings, get_settings, refuse_unsafe_production
 
@@ -31,63 +43,8 @@ if TYPE_CHECKING:
     from jobs.plans import PlanError
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
-# An id in a path: a bigint, so anything beyond is a 422, not a database error.
-DbId = Annotated[int, Path(ge=1, le=MAX_ID)]
-
-
-def clock_now(session: Session) -> datetime:
-    """ "now" for a request: the test clock's instant when one is set (development and test), else the
-    wall clock's (`jobs.clock.now`)."""
-    from jobs import clock
-    from jobs.context import runtime
-
-    return clock.now(session, runtime().config)
-
-
-def require_api_key(
-    authorization: Annotated[str | None, Header()] = None,
-    settings: Settings = Depends(get_settings),
-) -> str:
-    """`Authorization: Bearer <key>`, compared in constant time against every configured key."""
-    scheme, _, presented = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not presented:
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            detail={"code": "unauthorized", "message": "missing Bearer API key"},
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    matched = False
-    for key in settings.api_keys:
-        matched |= hmac.compare_digest(presented.encode(), key.get_secret_value().encode())
-    if not matched:
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            detail={"code": "unauthorized", "message": "invalid API key"},
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    return presented
-
-
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 webhooks = APIRouter(prefix="/v1/webhooks")
-
-
-class FieldError(BaseModel):
-    field: str = Field(examples=["to_cycle"])
-    code: str = Field(examples=["literal_error"])
-    message: str
-
-
-class ErrorDetail(BaseModel):
-    code: str = Field(examples=["boleto_already_issued"])
-    message: str = Field(description="pt-BR, for people")
-    fields: list[FieldError] | None = Field(None, description="422 only: what is wrong with each field")
-    details: dict[str, Any] | None = Field(None, description="facts behind a rejection, e.g. the deadline")
-
-
-class ErrorBody(BaseModel):
-    error: ErrorDetail
 
 
 # The columns of gateway_events.
@@ -170,34 +127,6 @@ async def gateway_webhook(
 # --- the main application's API: organizations, change requests, subscriptions ------------------
 
 
-class _ContractRoute(APIRoute):
-    """Answers a request of the wrong shape with 422 and Renova's error body, field by field,
-    without echoing the values (a misplaced card number must not come back in a response or a log)."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def route(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except RequestValidationError as exc:
-                # FastAPI reads the body before it runs the dependencies: a caller without a valid key
-                # learns that first, not what is wrong with its body.
-                require_api_key(request.headers.get("authorization"), get_settings())
-                fields = field_errors(list(exc.errors()), skip=("body",))
-                raise HTTPException(
-                    422,
-                    detail={"code": "invalid_request", "message": describe_field_errors(fields), "fields": fields},
-                ) from None
-
-        return route
-
-
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorBody, "description": "missing or invalid API key"},
-    422: {"model": ErrorBody, "description": "invalid_request: the body, path or headers have the wrong shape"},
-}
-
 Email = Annotated[PlainText, StringConstraints(strip_whitespace=True, min_length=3, max_length=254)]
 
 
@@ -252,98 +181,6 @@ class OrganizationOut(BaseModel):
     members: list[MemberOut]
 
 
-class ChangeRequestOut(BaseModel):
-    id: int
-    organization_id: int
-    subscription_id: int | None
-    requested_by: int | None
-    idempotency_key: str
-    kind: str
-    source: Literal["api", "queue"] | str
-    status: Literal["pending", "applied", "rejected"] | str
-    params: dict[str, Any] = Field(
-        description="the kind's parameters as recorded (a card token shows only its last four characters)"
-    )
-    error: ErrorDetail | None
-    result: dict[str, Any] | None = Field(description="e.g. the proration quote, the new renewal date, the boleto")
-    created_at: datetime
-    processed_at: datetime | None
-
-
-class BoletoOut(BaseModel):
-    digitable_line: str = Field(description="linha digitável")
-    barcode: str
-    due_date: date
-    amount_cents: int
-    status: str
-
-
-class InvoiceOut(BaseModel):
-    id: int
-    kind: str
-    cycle: str
-    period_start: date
-    period_end: date
-    amount_cents: int
-    discount_cents: int
-    total_cents: int
-    status: str
-    method: str
-    due_date: date
-    boleto: BoletoOut | None
-
-
-class SubscriptionOut(BaseModel):
-    id: int
-    organization_id: int
-    product: str
-    status: str
-    cycle: str
-    payment_method: str
-    pending_payment_method: str | None
-    effective_payment_method: str = Field(description="what pays the next renewal")
-    billing_anchor: date
-    current_period_start: date
-    current_period_end: date
-    renewal_date: date
-    balance_cents: int = Field(description="credit discounted from the next invoice")
-    cancel_at_period_end: bool
-    canceled_at: datetime | None
-    open_invoices: list[InvoiceOut]
-
-
-_COMMON_FIELDS = ("organization_id", "subscription_id", "requested_by", "idempotency_key", "kind")
-
-
-def _change_request_out(request: Any) -> ChangeRequestOut:
-    from jobs.lookups import masked_payload
-
-    params = masked_payload({key: value for key, value in (request.payload or {}).items() if key not in _COMMON_FIELDS})
-    result = dict(request.result) if request.result else None
-    error = None
-    if request.error_code:
-        details = (result or {}).pop("error_details", None)
-        fields = details.get("fields") if isinstance(details, dict) else None
-        error = ErrorDetail(
-            code=request.error_code, message=request.error_message or "", fields=fields, details=details
-        )
-    return ChangeRequestOut(
-        id=request.id,
-        organization_id=request.organization_id,
-        subscription_id=request.subscription_id,
-        requested_by=request.requested_by,
-        idempotency_key=request.idempotency_key,
-        kind=request.kind,
-        source=request.source,
-        status=request.status,
-        params=params,
-        error=error,
-        result=result or None,
-        created_at=request.created_at,
-        processed_at=request.processed_at,
-    )
-
-
 def _organization_out(session: Session, organization: Any) -> OrganizationOut:
     from jobs.lookups import masked_document, masked_email
     from models.policy import can_change_billing
@@ -371,11 +208,7 @@ def _organization_out(session: Session, organization: Any) -> OrganizationOut:
     )
 
 
-def _not_found(what: str) -> HTTPException:
-    return HTTPException(status.HTTP_404_NOT_FOUND, detail={"code": "not_found", "message": f"{what} não encontrada"})
-
-
-contract = APIRouter(route_class=_ContractRoute, responses=_ERRORS)
+contract = APIRouter(route_class=ContractRoute, responses=ERRORS)
 
 
 @contract.put(
@@ -407,16 +240,9 @@ def put_organization(organization_id: DbId, body: OrganizationIn, session: Sessi
             raise HTTPException(
                 status.HTTP_409_CONFLICT, detail={"code": violation.code, "message": violation.message}
             ) from None
-        raise _invalid(violation.details["field"], violation.message, code=violation.code) from None
+        raise invalid(violation.details["field"], violation.message, code=violation.code) from None
     session.commit()
     return _organization_out(session, organization)
-
-
-def _invalid(field: str, message: str, *, code: str = "invalid_request") -> HTTPException:
-    return HTTPException(
-        422,
-        detail={"code": code, "message": message, "fields": [{"field": field, "code": code, "message": message}]},
-    )
 
 
 @contract.post(
@@ -455,7 +281,7 @@ def post_change_request(
             },
         )
     if body.idempotency_key is not None and body.idempotency_key != key:
-        raise _invalid("idempotency_key", "difere do cabeçalho Idempotency-Key")
+        raise invalid("idempotency_key", "difere do cabeçalho Idempotency-Key")
     data = body.model_dump(mode="json")
     data["idempotency_key"] = key
     try:
@@ -478,7 +304,7 @@ def post_change_request(
     if not recorded.created:
         response.headers["Idempotent-Replayed"] = "true"
     session.commit()
-    return _change_request_out(request)
+    return change_request_out(request)
 
 
 class PreviewOut(BaseModel):
@@ -526,8 +352,8 @@ def get_change_request(change_request_id: DbId, session: SessionDep) -> ChangeRe
 
     request = session.get(ChangeRequest, change_request_id)
     if request is None:
-        raise _not_found("Solicitação")
-    return _change_request_out(request)
+        raise not_found("Solicitação")
+    return change_request_out(request)
 
 
 @contract.get(
@@ -538,61 +364,12 @@ def get_change_request(change_request_id: DbId, session: SessionDep) -> ChangeRe
 )
 def get_subscription(subscription_id: DbId, session: SessionDep) -> SubscriptionOut:
     """A subscription as "Minhas assinaturas" shows it, with its open invoices and their boletos."""
-    from jobs.boletos import LIVE_BOLETO
-    from models.schema import Boleto, Invoice, Subscription
+    from models.schema import Subscription
 
     subscription = session.get(Subscription, subscription_id)
     if subscription is None:
-        raise _not_found("Assinatura")
-    rows = session.execute(
-        select(Invoice, Boleto)
-        # The boleto to pay: the live one (an expired or replaced one is history).
-        .outerjoin(Boleto, (Boleto.invoice_id == Invoice.id) & Boleto.status.in_(LIVE_BOLETO))
-        .where(Invoice.subscription_id == subscription.id, Invoice.status == "open")
-        .order_by(Invoice.due_date, Invoice.id)
-    ).all()
-    return SubscriptionOut(
-        id=subscription.id,
-        organization_id=subscription.organization_id,
-        product=subscription.product,
-        status=subscription.status,
-        cycle=subscription.cycle,
-        payment_method=subscription.payment_method,
-        pending_payment_method=subscription.pending_payment_method,
-        effective_payment_method=subscription.effective_payment_method,
-        billing_anchor=subscription.billing_anchor,
-        current_period_start=subscription.current_period_start,
-        current_period_end=subscription.current_period_end,
-        renewal_date=subscription.current_period_end,
-        balance_cents=subscription.balance_cents,
-        cancel_at_period_end=subscription.cancel_at_period_end,
-        canceled_at=subscription.canceled_at,
-        open_invoices=[
-            InvoiceOut(
-                id=invoice.id,
-                kind=invoice.kind,
-                cycle=invoice.cycle,
-                period_start=invoice.period_start,
-                period_end=invoice.period_end,
-                amount_cents=invoice.amount_cents,
-                discount_cents=invoice.discount_cents,
-                total_cents=invoice.total_cents,
-                status=invoice.status,
-                method=invoice.method,
-                due_date=invoice.due_date,
-                boleto=BoletoOut(
-                    digitable_line=boleto.digitable_line,
-                    barcode=boleto.barcode,
-                    due_date=boleto.due_date,
-                    amount_cents=boleto.amount_cents,
-                    status=boleto.status,
-                )
-                if boleto is not None
-                else None,
-            )
-            for invoice, boleto in rows
-        ],
-    )
+        raise not_found("Assinatura")
+    return subscription_out(session, subscription)
 
 
 # --- plan prices ---------------------------------------------------------------------------------
@@ -751,6 +528,7 @@ def get_plan(product: str, session: SessionDep, settings: Settings = Depends(get
 
 
 v1.include_router(contract)
+v1.include_router(reads)
 
 
 def create_app() -> FastAPI:
@@ -766,7 +544,10 @@ def create_app() -> FastAPI:
     app = FastAPI(
         title="Renova",
         version="1",
-        description="Subscription billing for CONECTA: change requests, subscriptions, plan prices, gateway webhooks.",
+        description="Subscription billing for CONECTA: change requests, subscriptions, plan prices, events, "
+        "gateway webhooks.",
+        # Operation ids are the functions' names (`post_change_request`): what a generated client calls.
+        generate_unique_id_function=lambda route: route.name,
     )
 
     @app.get("/healthz", include_in_schema=False)

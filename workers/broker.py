@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from datetime import timedelta
 from functools import wraps
 from typing import TypeVar
 
@@ -156,6 +157,7 @@ def setup() -> RedisBroker:
             billing_config(settings),
             mailer_factory=mailer_factory,
             mail_from=settings.mail_from,
+            event_retry_first=timedelta(seconds=settings.event_retry_first_seconds),
         )
     )
     jobs.register_actors()

@@ -28,6 +28,7 @@ from workers.cli_common import (
     use_environment,
     wire,
 )
+from workers.cli_endpoints import endpoints_app
 from workers.cli_oncall import audit_app, charges_app, invoices_app, runs_app
 from workers.cli_operators import operators_app
 from workers.settings import Settings, SettingsError, get_settings
@@ -59,6 +60,7 @@ app.add_typer(invoices_app, name="invoices")
 app.add_typer(audit_app, name="audit")
 app.add_typer(attention_app, name="attention")
 app.add_typer(operators_app, name="operators")
+app.add_typer(endpoints_app, name="endpoints")
 app.command()(chaos)
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import redis
 
 NAMESPACE = "dramatiq"
-QUEUES: tuple[str, ...] = ("billing", "changes", "payments", "notifications")
+QUEUES: tuple[str, ...] = ("billing", "changes", "payments", "notifications", "events")
 
 
 @dataclass(frozen=True)

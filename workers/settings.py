@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     worker_heartbeat_timeout_ms: int = Field(60_000, ge=1_000, le=3_600_000, alias="WORKER_HEARTBEAT_TIMEOUT_MS")
     # Per million Redis commands of a queue, how many also return dead workers' messages of that queue
     # (Dramatiq's maintenance, which scans Redis's keys): Dramatiq's 1,000.
+    # Events to the main application: the first wait before a failed delivery is tried again (then
+    # × 4 each time, at most 12 h, for up to 3 days).
+    event_retry_first_seconds: float = Field(5.0, ge=0.05, le=3_600, alias="EVENT_RETRY_FIRST_SECONDS")
     redis_maintenance_chance: int = Field(1_000, ge=0, le=1_000_000, alias="REDIS_MAINTENANCE_CHANCE")
     # Bearer token of `GET /metrics`. Unset: served openly in development and test, refused (404) in
     # production, where volumes and failures are not for everyone to read.

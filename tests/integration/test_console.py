@@ -273,3 +273,35 @@ def test_an_operator_deletes_a_whole_queue_of_dead_letters(console_server: Conso
     assert broker.client.llen("dramatiq:notifications") == 0  # deleted, not requeued
     events = session.scalars(select(AuditEvent).where(AuditEvent.action == "dead_letter.delete")).all()
     assert sorted(event.reason for event in events) == ["obsoletas", "obsoletas"]
+
+
+def test_the_event_deliveries_are_watched_and_resent_from_the_console(console_server: Console, session):
+    from jobs.events import add_endpoint
+    from models.schema import EventDelivery
+
+    seed_plans(session)
+    endpoint = add_endpoint(session, "http://127.0.0.1:9/app/events", ["subscription.created"], require_https=False)
+    make_subscription(session, make_organization(session, 7), anchor=date(2027, 1, 10), cycle="monthly", method="card")
+    session.commit()
+    delivery = session.scalars(select(EventDelivery)).one()
+    delivery.status, delivery.attempts, delivery.last_status_code = "failed", 12, 503
+    session.commit()
+    viewer = logged_in(console_server, "leitura@renova.example", "viewer")
+    operator = logged_in(console_server, "ops@renova.example")
+
+    shown = viewer.get("/console/endpoints")
+    assert shown.status_code == 200
+    assert endpoint.url in shown.text and "subscription.created" in shown.text and "HTTP 503" in shown.text
+    assert "Reenviar" not in shown.text  # a viewer looks
+    assert endpoint.secret not in shown.text
+
+    path = f"/console/endpoints/deliveries/{delivery.id}/redeliver"
+    no_reason = operator.post(path, data={"reason": " ", "csrf_token": csrf_of(operator, "/console/endpoints")})
+    assert no_reason.status_code == 303 and "erro=" in no_reason.headers["location"]
+    done = operator.post(path, data={"reason": "app de volta", "csrf_token": csrf_of(operator, "/console/endpoints")})
+    assert done.status_code == 303
+    assert "será reenviada" in operator.get(done.headers["location"]).text
+    session.refresh(delivery)
+    assert delivery.status == "pending"
+    event = session.scalars(select(AuditEvent).where(AuditEvent.action == "event_delivery.redeliver")).one()
+    assert (event.actor, event.reason) == ("ops@renova.example", "app de volta")

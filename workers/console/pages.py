@@ -489,3 +489,44 @@ def attention_retry(
         return back("/console/attention", error=str(exc))
     session.commit()
     return back("/console/attention", ok=f"{kind} {row_id} volta a ser tentado agora.")
+
+
+# --- events to the main application: endpoints and their deliveries -----------------------------------
+
+
+@router.get("/endpoints")
+def endpoints_page(
+    request: Request, session: SessionDep, user: UserDep, endpoint: int | None = None, status: str = ""
+) -> Response:
+    """The main application's webhook endpoints, and one endpoint's delivery log (newest first)."""
+    from jobs.event_delivery import delivery_log
+    from jobs.events import delivery_counts, endpoints
+
+    rows = endpoints(session)
+    chosen = next((row for row in rows if row.id == endpoint), rows[0] if rows else None)
+    wanted = status if status in ("pending", "delivered", "failed") else None
+    values = {
+        "rows": rows,
+        "counts": delivery_counts(session),
+        "chosen": chosen,
+        "status": status,
+        "deliveries": delivery_log(session, chosen.id, status=wanted, limit=100) if chosen else [],
+    }
+    return page(request, "endpoints.html", context(request, session, user, **values))
+
+
+@router.post("/endpoints/deliveries/{delivery_id}/redeliver")
+def redeliver_delivery(
+    session: SessionDep, user: ActingUserDep, delivery_id: int, reason: Annotated[str, Form()] = ""
+) -> Response:
+    from jobs.clock import wall_clock
+    from jobs.event_delivery import redeliver
+
+    if required_reason(reason) is None:
+        return back("/console/endpoints", error="Diga por que (motivo obrigatório, vai para a auditoria).")
+    delivery = redeliver(session, delivery_id, actor=user.email, reason=reason.strip(), now=wall_clock())
+    if delivery is None:
+        session.rollback()
+        return back("/console/endpoints", error=f"Entrega {delivery_id} não existe.")
+    session.commit()
+    return back(f"/console/endpoints?endpoint={delivery.endpoint_id}", ok=f"Entrega {delivery_id} será reenviada.")

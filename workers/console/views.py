@@ -38,6 +38,7 @@ LABELS = {
     "applied": "aplicada",
     "rejected": "rejeitada",
     "sent": "enviado",
+    "delivered": "entregue",
     "running": "em andamento",
     "done": "concluída",
     # cycles and methods
