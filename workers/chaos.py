@@ -36,6 +36,8 @@ from models.schema import (
     BillingRun,
     ChangeRequest,
     Charge,
+    Event,
+    EventDelivery,
     GatewayEvent,
     Invoice,
     Notification,
@@ -67,6 +69,54 @@ DRAIN_TIMEOUT_SECONDS = 300.0
 RESEND_WINDOW_SECONDS = 120.0
 
 
+class EventReceiver:
+    """The main application's webhook endpoint, as the README tells it to be written: each delivery's
+    Standard Webhooks signature verified, each event id handled once (deliveries are at least once)."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+        self.secret = ""
+        self.first_arrival: dict[str, int] = {}  # event id → its place among first arrivals
+        self.deliveries = 0
+        self.refused = 0
+        lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                try:
+                    event = Webhook(receiver.secret).verify(body, dict(self.headers))
+                except WebhookVerificationError:
+                    with lock:
+                        receiver.refused += 1
+                    status = 400
+                else:
+                    with lock:
+                        receiver.deliveries += 1
+                        receiver.first_arrival.setdefault(event["id"], len(receiver.first_arrival))
+                    status = 204
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/renova/events"
+        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
 class ChaosWorld(LiveWorld):
     """The demo's world, with the plan's faults struck during the days and the work drained after
     the last one."""
@@ -89,12 +139,20 @@ class ChaosWorld(LiveWorld):
         self.faults_by_day = plan.faults_by_day(self.rng)
         self.report = report
         self.embedded = EmbeddedStack(stack.root)
+        self.receiver = EventReceiver()
+        with session_factory() as session:
+            from jobs.events import add_endpoint
+
+            endpoint = add_endpoint(session, self.receiver.url, description="chaos receiver", require_https=False)
+            session.commit()
+            self.receiver.secret = endpoint.secret
 
     def __exit__(self, *exc_info: object) -> None:
         """The checks after the run still need the clients: `close` closes them."""
 
     def close(self) -> None:
         super().__exit__(None, None, None)
+        self.receiver.close()
 
     def begin_days(self, first_day: date) -> None:
         super().begin_days(first_day)
@@ -218,6 +276,7 @@ def outstanding_work(session_factory: sessionmaker[Session], deliveries: list[di
                 select(func.count()).where(Refund.status.in_((RefundStatus.PENDING, RefundStatus.UNKNOWN)))
             ),
             "billing runs unfinished": session.scalar(select(func.count()).where(BillingRun.status != RunStatus.DONE)),
+            "event deliveries pending": session.scalar(select(func.count()).where(EventDelivery.status == "pending")),
         }
     counts["sandbox webhooks undelivered"] = sum(1 for delivery in deliveries if delivery["status"] != "delivered")
     return {name: int(count or 0) for name, count in counts.items() if count}
@@ -304,6 +363,37 @@ def check(
     if report.dead_letters_before_wipes:
         report.checks["no dead letter"].append(f"{report.dead_letters_before_wipes} seen before a Redis wipe")
     report.gateway_faults = world.gateway_faults()
+    report.checks["every event delivered, in order per subscription"] = _event_problems(world)
+
+
+def _event_problems(world: ChaosWorld) -> list[str]:
+    """Every event written reached the endpoint (signed), each subscription's in the order written."""
+    receiver = world.receiver
+    with world.session_factory() as session:
+        written = session.execute(
+            select(Event.id, Event.subscription_id, EventDelivery.status)
+            .join(EventDelivery, EventDelivery.event_id == Event.id)
+            .order_by(Event.txid, Event.id)
+        ).all()
+    problems = []
+    missing = [event_id for event_id, _, _ in written if f"evt_{event_id}" not in receiver.first_arrival]
+    if missing:
+        problems.append(f"{len(missing)} events never received (e.g. evt_{missing[0]})")
+    failed = sum(1 for _, _, status in written if status != "delivered")
+    if failed:
+        problems.append(f"{failed} deliveries not delivered")
+    if receiver.refused:
+        problems.append(f"{receiver.refused} deliveries with a bad signature")
+    by_subscription: dict[int, list[int]] = defaultdict(list)
+    for event_id, subscription_id, _ in written:
+        if subscription_id is not None and f"evt_{event_id}" in receiver.first_arrival:
+            by_subscription[subscription_id].append(receiver.first_arrival[f"evt_{event_id}"])
+    out_of_order = [sub for sub, places in by_subscription.items() if places != sorted(places)]
+    if out_of_order:
+        problems.append(f"{len(out_of_order)} subscriptions' events arrived out of order (e.g. {out_of_order[0]})")
+    world.report.figures["events written"] = len(written)
+    world.report.figures["event deliveries received (duplicates included)"] = receiver.deliveries
+    return problems
 
 
 def _figures(session: Session) -> dict[str, int]:

@@ -62,10 +62,12 @@ def test_a_small_chaos_run_passes_with_every_fault_struck(stack_dir):
         "no change request left pending",
         "no work stuck",
         "no dead letter",
+        "every event delivered, in order per subscription",
     ):
         assert row(output, check) == "ok", output
     assert int(row(output, "charges succeeded")) > 0
     assert int(row(output, "notices sent")) > 0
+    assert int(row(output, "events written")) > 0
     # Everything the run started was stopped.
     assert not (stack_dir / "chaos" / "postgres" / "postmaster.pid").exists()
     assert not (stack_dir / "chaos" / "redis" / "port").exists()
