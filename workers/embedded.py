@@ -105,7 +105,8 @@ class EmbeddedStack:
         except (FileNotFoundError, ValueError):
             return None
         try:
-            redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5).ping()
+            # retry=None: a dead server is known at once (redis-py's default retries take 6 s).
+            redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5, retry=None).ping()
         except redis.RedisError:
             return None
         return port
@@ -146,7 +147,7 @@ class EmbeddedStack:
             ],
             check=True,
         )
-        client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
+        client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5, retry=None)
         deadline = time.monotonic() + 10
         while True:
             try:

@@ -220,8 +220,9 @@ def _engine(database_url: str) -> Engine:
 
 @lru_cache(maxsize=4)
 def _redis(redis_url: str) -> redis.Redis:
+    # retry=None: a scrape while Redis is down says so within the timeout (redis-py would retry for seconds).
     return redis.Redis.from_url(
-        redis_url, socket_timeout=REDIS_TIMEOUT_SECONDS, socket_connect_timeout=REDIS_TIMEOUT_SECONDS
+        redis_url, socket_timeout=REDIS_TIMEOUT_SECONDS, socket_connect_timeout=REDIS_TIMEOUT_SECONDS, retry=None
     )
 
 
