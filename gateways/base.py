@@ -94,6 +94,8 @@ class BoletoIssued:
     digitable_line: str
     due_date: date
     amount_cents: int
+    # A boleto híbrido's Pix "copia e cola" (BR Code), when the gateway issues one.
+    pix_code: str | None = None
 
 
 # --- errors --------------------------------------------------------------------------------------

@@ -578,6 +578,7 @@ def _boleto_issued(data: dict[str, Any]) -> BoletoIssued:
         digitable_line=str(data["digitable_line"]),
         due_date=date.fromisoformat(data["due_date"]),
         amount_cents=int(data["amount_cents"]),
+        pix_code=str(data["pix_code"]) if data.get("pix_code") else None,
     )
 
 

@@ -86,6 +86,9 @@ def boleto_notice(invoice: Invoice, boleto: Boleto, *, dunning: bool = False) ->
         "amount_cents": amount,
         "due_date": due.isoformat(),
         "digitable_line": "" if boleto.status == BoletoStatus.EXPIRED else boleto.digitable_line,
+        # The PDF attached to the e-mail is this boleto's; its Pix code pays the same amount any day.
+        "boleto_id": boleto.id,
+        "pix_code": "" if boleto.status == BoletoStatus.EXPIRED else boleto.pix_code or "",
         "period_start": invoice.period_start.isoformat(),
         "period_end": invoice.period_end.isoformat(),
     }
@@ -106,7 +109,12 @@ def record_gateway_event(session: Session, event_id: str, *, now: datetime, conf
     if event.type == "boleto.paid":
         paid_on = date.fromisoformat(data["paid_on"]) if data.get("paid_on") else today
         outcome = record_boleto_payment(
-            session, str(data["boleto_id"]), amount_cents=int(data["amount_cents"]), paid_on=paid_on, now=now
+            session,
+            str(data["boleto_id"]),
+            amount_cents=int(data["amount_cents"]),
+            paid_on=paid_on,
+            now=now,
+            via="Pix" if data.get("via") == "pix" else "boleto",
         )
     elif event.type == "boleto.expired":
         outcome = record_boleto_expired(session, str(data["boleto_id"]), on=today)
@@ -116,7 +124,9 @@ def record_gateway_event(session: Session, event_id: str, *, now: datetime, conf
     return outcome
 
 
-def record_boleto_payment(session: Session, gateway_id: str, *, amount_cents: int, paid_on: date, now: datetime) -> str:
+def record_boleto_payment(
+    session: Session, gateway_id: str, *, amount_cents: int, paid_on: date, now: datetime, via: str = "boleto"
+) -> str:
     """A boleto was paid. Money for an open invoice pays it, whichever of its boletos was used (the
     others are cancelled); anything above the invoice's total, and any payment for an invoice that no
     longer takes it (voided, already paid), becomes the customer's credit — never kept, never lost."""
@@ -146,7 +156,7 @@ def record_boleto_payment(session: Session, gateway_id: str, *, amount_cents: in
         ):
             other.status = BoletoStatus.CANCELED
             send_after_commit(session, cancel_boleto_at_gateway, other.gateway_id)
-        mark_invoice_paid(session, invoice, paid_on=paid_on, now=now, amount_cents=invoice.total_cents, source="boleto")
+        mark_invoice_paid(session, invoice, paid_on=paid_on, now=now, amount_cents=invoice.total_cents, source=via)
         if amount_cents > invoice.total_cents:
             credit_payment(
                 session,
@@ -358,6 +368,7 @@ def _record_boletos(
                 "nosso_numero": answer.nosso_numero,
                 "barcode": answer.barcode,
                 "digitable_line": answer.digitable_line,
+                "pix_code": answer.pix_code,
                 "amount_cents": answer.amount_cents,
                 "due_date": answer.due_date,
                 "status": status,

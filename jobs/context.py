@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 if TYPE_CHECKING:
     from gateways.base import Gateway
+    from jobs.boleto_pdf import Beneficiary
 
 
 class Mailer(Protocol):
@@ -46,6 +47,8 @@ class Runtime:
     mail_from: str = "CONECTA Cobrança <cobranca@conecta.example>"
     # The first wait before an event delivery is tried again (then × 4 each time, at most 12 h).
     event_retry_first: timedelta = timedelta(seconds=5)
+    # Who receives boleto payments, as boletos' PDFs print it (`jobs.boleto_pdf.Beneficiary`).
+    beneficiary: Beneficiary | None = None
 
 
 _runtime: Runtime | None = None

@@ -34,6 +34,7 @@ from typing import Final, Protocol
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from jobs.boleto_pdf import boleto_attachments
 from jobs.context import Mailer
 from jobs.errors import PermanentError, cause
 from jobs.notice_rendering import RenderedEmail, render
@@ -114,7 +115,12 @@ def message_id(notification: Notification, mail_from: str) -> str:
 
 
 def build_message(
-    notification: Notification, rendered: RenderedEmail, recipients: list[str], mail_from: str, now: datetime
+    notification: Notification,
+    rendered: RenderedEmail,
+    recipients: list[str],
+    mail_from: str,
+    now: datetime,
+    attachments: Sequence[tuple[str, bytes]] = (),
 ) -> EmailMessage:
     message = EmailMessage()
     message["From"] = mail_from
@@ -127,6 +133,8 @@ def build_message(
     # Quoted-printable keeps the accented text 7-bit safe for any relay.
     message.set_content(rendered.text, cte="quoted-printable")
     message.add_alternative(rendered.html, subtype="html", cte="quoted-printable")
+    for filename, pdf in attachments:
+        message.add_attachment(pdf, maintype="application", subtype="pdf", filename=filename)
     return message
 
 
@@ -174,7 +182,8 @@ def deliver_notification(
     try:
         organization = session.get(Organization, notification.organization_id)
         rendered = render(notification, organization.name if organization else "")
-        mailer.send(build_message(notification, rendered, recipients, mail_from, now))
+        attachments = boleto_attachments(session, notification)
+        mailer.send(build_message(notification, rendered, recipients, mail_from, now, attachments))
     except PermanentError as exc:  # e.g. every recipient refused for good: retrying cannot help
         _mark_failed(notification, describe_error(exc))
         return "refused"

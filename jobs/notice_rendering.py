@@ -23,9 +23,12 @@ from models.schema import Notification
 
 # Optional context keys and the value templates see when a key is missing or null.
 OPTIONAL_KEYS: Final[dict[str, dict[str, Any]]] = {
-    "boleto_issued": {"purpose": "renewal"},
+    # The boleto the PDF attachment shows and its Pix code (absent from notices written before them).
+    "boleto_issued": {"purpose": "renewal", "boleto_id": None, "pix_code": None},
+    "boleto_reminder": {"boleto_id": None, "pix_code": None},
+    "boleto_overdue": {"boleto_id": None, "pix_code": None},
     # The open invoice's live boleto (none for a card invoice: the notice explains the card update).
-    "subscription_suspended": {"digitable_line": None, "boleto_due_date": None},
+    "subscription_suspended": {"digitable_line": None, "boleto_due_date": None, "boleto_id": None, "pix_code": None},
     # Boleto renewals: the last day to move the renewal to card (T − lead − 1), while it is still ahead.
     "renewal_notice": {"switch_to_card_until": None, "boleto_lead_days": None},
     "payment_method_switch_scheduled": {"card_last4": None},

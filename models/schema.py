@@ -303,6 +303,8 @@ class Boleto(Timestamped, Base):
     nosso_numero: Mapped[str] = mapped_column(String(32))
     barcode: Mapped[str] = mapped_column(String(44))
     digitable_line: Mapped[str] = mapped_column(String(64))
+    # A boleto híbrido's Pix "copia e cola" (BR Code), when the gateway issued one.
+    pix_code: Mapped[str | None] = mapped_column(Text)
     amount_cents: Mapped[int]
     due_date: Mapped[date]
     status: Mapped[str] = mapped_column(String(16), server_default=BoletoStatus.ISSUED.value)

@@ -140,6 +140,8 @@ class BoletoOut(BaseModel):
     due_date: date
     amount_cents: int
     status: str
+    pix_code: str | None = Field(None, description="Pix copia e cola (BR Code) paying the same amount, any day")
+    pdf_url: str = Field(description="The boleto's PDF (API key): FEBRABAN layout, barcode and Pix QR code")
 
 
 class InvoiceOut(BaseModel):
@@ -216,6 +218,8 @@ def invoice_out(invoice: Any, boleto: Any | None) -> InvoiceOut:
             due_date=boleto.due_date,
             amount_cents=boleto.amount_cents,
             status=boleto.status,
+            pix_code=boleto.pix_code,
+            pdf_url=f"/v1/invoices/{invoice.id}/boleto.pdf",
         )
         if boleto is not None
         else None,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query, status
+from fastapi import APIRouter, HTTPException, Query, Response, status
 from pydantic import BaseModel, Field
 from sqlalchemy import Select, select
 
@@ -118,6 +118,39 @@ def list_invoices(
     )
     boletos = dict(invoices_with_live_boletos(session, Invoice.id.in_([row.id for row in rows])))
     return InvoicePage(data=[invoice_out(row, boletos.get(row)) for row in rows], has_more=has_more)
+
+
+@reads.get(
+    "/invoices/{invoice_id}/boleto.pdf",
+    response_class=Response,
+    tags=["subscriptions"],
+    responses={
+        200: {"content": {"application/pdf": {}}, "description": "The boleto, FEBRABAN layout, with its Pix QR code"},
+        404: {"model": ErrorBody, "description": "not_found: no such invoice, or no boleto to pay for it"},
+    },
+)
+def get_boleto_pdf(invoice_id: DbId, session: SessionDep) -> Response:
+    """The PDF of the invoice's boleto to pay (issued or overdue): what "Minhas assinaturas" offers to
+    download. The same boleto always gives the same bytes (`ETag`)."""
+    from jobs.boleto_pdf import boleto_pdf, slip_for
+    from jobs.boletos import live_boleto
+    from jobs.context import runtime
+
+    boleto = live_boleto(session, invoice_id)
+    beneficiary = runtime().beneficiary
+    if boleto is None or beneficiary is None:
+        raise not_found("Boleto")
+    slip = slip_for(session, boleto.id, beneficiary, grace_business_days=runtime().config.boleto_grace_business_days)
+    if slip is None:
+        raise not_found("Boleto")
+    return Response(
+        boleto_pdf(slip),
+        media_type="application/pdf",
+        headers={
+            "Content-Disposition": f'inline; filename="boleto-{slip.nosso_numero}.pdf"',
+            "ETag": f'"{slip.content_hash}"',
+        },
+    )
 
 
 @reads.get("/change-requests", response_model=ChangeRequestPage, tags=["change requests"])

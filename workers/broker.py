@@ -24,6 +24,7 @@ from dramatiq.middleware import (
 
 import jobs
 from gateways.base import Gateway
+from jobs.boleto_pdf import Beneficiary
 from jobs.context import BillingConfig, Mailer, Runtime, configure
 from workers.db import get_session_factory, resolved_urls
 from workers.mail import mailer_from_settings
@@ -158,6 +159,13 @@ def setup() -> RedisBroker:
             mailer_factory=mailer_factory,
             mail_from=settings.mail_from,
             event_retry_first=timedelta(seconds=settings.event_retry_first_seconds),
+            beneficiary=Beneficiary(
+                name=settings.beneficiary_name,
+                document=settings.beneficiary_cnpj,
+                address=settings.beneficiary_address,
+                agency_code=settings.beneficiary_agency_code,
+                wallet=settings.beneficiary_wallet,
+            ),
         )
     )
     jobs.register_actors()

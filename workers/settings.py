@@ -16,6 +16,8 @@ DEVELOPMENT_CONSOLE_SECRET = "development-only-console-secret"  # refused in pro
 # The sandbox gateway's publicly documented credentials: refused in production.
 SANDBOX_API_KEY = "sk_sandbox"
 SANDBOX_WEBHOOK_SECRET = "whsec_sandbox"
+# The beneficiary printed on boletos in development and test; production must name the real one.
+DEVELOPMENT_BENEFICIARY_CNPJ = "11.222.333/0001-81"
 
 
 class SettingsError(RuntimeError):
@@ -41,6 +43,14 @@ class Settings(BaseSettings):
     sentry_dsn: SecretStr | None = Field(None, alias="SENTRY_DSN")
     smtp_url: str | None = Field(None, alias="SMTP_URL")
     mail_from: str = Field("CONECTA Cobrança <cobranca@conecta.example>", alias="MAIL_FROM")
+    # Who receives boleto payments, as every boleto's PDF prints it (FEBRABAN's "beneficiário").
+    beneficiary_name: str = Field("CONECTA Tecnologia Ltda", min_length=1, max_length=80, alias="BENEFICIARY_NAME")
+    beneficiary_cnpj: str = Field(DEVELOPMENT_BENEFICIARY_CNPJ, min_length=14, max_length=18, alias="BENEFICIARY_CNPJ")
+    beneficiary_address: str = Field(
+        "Av. Paulista, 1000 — São Paulo/SP — 01310-100", max_length=120, alias="BENEFICIARY_ADDRESS"
+    )
+    beneficiary_agency_code: str = Field("0001 / 1234567-8", max_length=30, alias="BENEFICIARY_AGENCY_CODE")
+    beneficiary_wallet: str = Field("109", max_length=10, alias="BENEFICIARY_WALLET")
 
     gateway_url: str = Field("http://127.0.0.1:8700", alias="GATEWAY_URL")
     gateway_api_key: SecretStr = Field(SecretStr(SANDBOX_API_KEY), alias="GATEWAY_API_KEY")
@@ -139,6 +149,8 @@ def production_problems(settings: Settings) -> list[str]:
         problems.append("REDIS_URL is unset: the embedded Redis is for development and test")
     if settings.smtp_url is None:
         problems.append("SMTP_URL is unset: notices would go to the local mail folder")
+    if settings.beneficiary_cnpj == DEVELOPMENT_BENEFICIARY_CNPJ:
+        problems.append("BENEFICIARY_CNPJ is the development one: boletos would name the wrong beneficiary")
     return problems
 
 

@@ -292,6 +292,7 @@ def create_app(config: SandboxConfig, data_dir: Path, stopping: threading.Event 
             payment.paid_on or date.today(),
             payment.amount_cents,
             config.webhook_url,
+            payment.via,
         )
         dispatcher.notify()
         return JSONResponse(result)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import asdict, dataclass
 from datetime import date
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
@@ -138,6 +138,8 @@ class PayIn(BaseModel):
 
     paid_on: date | None = None
     amount_cents: StrictInt | None = Field(None, gt=0, le=MAX_AMOUNT_CENTS)
+    # `pix`: paid with the boleto's Pix code, credited the same day, any day (weekends included).
+    via: Literal["boleto", "pix"] = "boleto"
 
 
 # --- errors, replies and ids ----------------------------------------------------------------------

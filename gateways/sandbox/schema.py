@@ -136,6 +136,16 @@ def _refund_json(row: sqlite3.Row) -> dict[str, Any]:
     }
 
 
+SANDBOX_PIX_KEY = "pix@sandbox.renova.example"
+
+
+def sandbox_pix_code(boleto_id: str, amount_cents: int) -> str:
+    from models.pix import br_code
+
+    txid = "".join(char for char in boleto_id if char.isalnum())[:25]
+    return br_code(key=SANDBOX_PIX_KEY, name="Renova Sandbox", city="Sao Paulo", amount_cents=amount_cents, txid=txid)
+
+
 def _boleto_json(row: sqlite3.Row) -> dict[str, Any]:
     return {
         "id": row["id"],
@@ -150,6 +160,8 @@ def _boleto_json(row: sqlite3.Row) -> dict[str, Any]:
         "bank_code": BANK_CODE,
         "barcode": row["barcode"],
         "digitable_line": row["digitable_line"],
+        # A boleto híbrido: the same amount payable by Pix, any day (static BR Code, txid from the id).
+        "pix_code": sandbox_pix_code(row["id"], row["amount_cents"]),
         "paid_on": row["paid_on"],
         "paid_amount_cents": row["paid_amount_cents"],
         "idempotency_key": row["idempotency_key"],

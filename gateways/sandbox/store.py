@@ -286,7 +286,9 @@ class Store:
             # Already canceled or expired: nothing can pay it any more, which is what cancel asks.
             return _boleto_json(self._boleto_row(db, boleto_id))
 
-    def pay_boleto(self, boleto_id: str, paid_on: date, amount_cents: int | None, webhook_url: str) -> dict[str, Any]:
+    def pay_boleto(
+        self, boleto_id: str, paid_on: date, amount_cents: int | None, webhook_url: str, via: str = "boleto"
+    ) -> dict[str, Any]:
         now = time.time()
         with self.transaction() as db:
             row = self._require_issued(db, boleto_id)
@@ -300,7 +302,7 @@ class Store:
                 "VALUES ('boleto_payment', ?, ?, ?, NULL, ?)",
                 (boleto_id, row["idempotency_key"], amount, now),
             )
-            event_id = enqueue_event(db, now, "boleto.paid", row, amount, paid_on, webhook_url)
+            event_id = enqueue_event(db, now, "boleto.paid", row, amount, paid_on, webhook_url, via=via)
             return {"boleto": _boleto_json(self._boleto_row(db, boleto_id)), "event_id": event_id}
 
     def expire_boleto(self, boleto_id: str, webhook_url: str) -> dict[str, Any]:

@@ -32,6 +32,8 @@ def enqueue_event(
     amount_cents: int,
     paid_on: date | None,
     webhook_url: str,
+    *,
+    via: str | None = None,
 ) -> str:
     """Record an event for delivery; called in the same transaction as the change it announces (an outbox)."""
     event_id = _new_id("evt")
@@ -46,6 +48,7 @@ def enqueue_event(
             "invoice_id": boleto["invoice_id"],
             "amount_cents": amount_cents,
             "paid_on": paid_on.isoformat() if paid_on else None,
+            **({"via": via} if via else {}),
         },
     }
     db.execute(

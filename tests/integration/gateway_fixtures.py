@@ -180,10 +180,11 @@ class SandboxGateway:
         return self._get(f"/v1/boletos/{boleto_id}")
 
     def pay_boleto(
-        self, boleto_id: str, *, paid_on: date | None = None, amount_cents: int | None = None
+        self, boleto_id: str, *, paid_on: date | None = None, amount_cents: int | None = None, via: str | None = None
     ) -> dict[str, Any]:
-        """Pay as a bank would; returns {"boleto": ..., "event_id": ...} and a boleto.paid webhook follows."""
-        body: dict[str, Any] = {}
+        """Pay as a bank would (or by the boleto's Pix code: `via="pix"`); returns {"boleto": ...,
+        "event_id": ...} and a boleto.paid webhook follows."""
+        body: dict[str, Any] = {} if via is None else {"via": via}
         if paid_on is not None:
             body["paid_on"] = paid_on.isoformat()
         if amount_cents is not None:

@@ -154,6 +154,7 @@ SAFE_PRODUCTION = {
     "RENOVA_API_KEYS": "main-app-key",
     "CONSOLE_SECRET_KEY": "console-secret-example",
     "SMTP_URL": "smtp://127.0.0.1:1",
+    "BENEFICIARY_CNPJ": "34.028.316/0001-03",
 }
 
 
@@ -174,6 +175,8 @@ def test_production_names_only_what_is_unsafe(migrated_database, broker) -> None
     problems = production_problems(Settings(**{**SAFE_PRODUCTION, "GATEWAY_WEBHOOK_SECRET": "whsec_sandbox"}))
     assert any("GATEWAY_WEBHOOK_SECRET" in problem for problem in problems)
     assert not any("GATEWAY_API_KEY" in problem for problem in problems)
+    development_beneficiary = {**SAFE_PRODUCTION, "BENEFICIARY_CNPJ": "11.222.333/0001-81"}
+    assert any("BENEFICIARY_CNPJ" in problem for problem in production_problems(Settings(**development_beneficiary)))
 
 
 def test_doctor_lists_what_production_would_refuse_in_every_environment(migrated_database, broker) -> None:

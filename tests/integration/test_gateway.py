@@ -851,6 +851,7 @@ def test_paid_boleto_sends_a_signed_webhook(
         "invoice_id": 901,
         "amount_cents": 358_80,
         "paid_on": "2026-03-01",
+        "via": "boleto",  # or "pix": paid with the boleto's Pix code
     }
     assert hook.path == "/v1/webhooks/gateway"
     [entry] = [e for e in sandbox_gateway.ledger(kind="boleto_payment") if e["id"] == issued.gateway_id]
