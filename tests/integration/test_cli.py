@@ -134,7 +134,7 @@ def test_a_worker_can_leave_the_changes_queue_to_a_worker_of_its_own(broker):
             command = Path(f"/proc/{process.pid}/cmdline").read_bytes().decode().split("\0")
             time.sleep(0.05)
         queues = command[command.index("--queues") + 1 :]
-        assert [queue for queue in queues if queue] == ["billing", "payments", "notifications"]
+        assert [queue for queue in queues if queue] == ["billing", "payments", "notifications", "events"]
     finally:
         process.terminate()
         process.wait(30)

@@ -316,4 +316,7 @@ def test_a_delivery_gives_up_after_three_days_and_can_be_sent_again(session, bil
     deliver_all(session)
     session.refresh(delivery)
     assert delivery.status == "delivered" and receiver.types() == ["subscription.created"]
-    assert session.scalars(select(AuditEvent.action)).all() == ["event_delivery.redeliver"]
+    assert session.scalars(select(AuditEvent.action).order_by(AuditEvent.id)).all() == [
+        "webhook_endpoint.add",
+        "event_delivery.redeliver",
+    ]
