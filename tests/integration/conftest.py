@@ -241,3 +241,23 @@ def billing_gateway(sandbox_gateway):
     yield gateway
     runtime().gateway_factory = previous
     gateway.close()
+
+
+API_KEY = "test-api-key"
+
+
+@pytest.fixture
+def api_client(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    """The API in process (`TestClient`), answering to `Bearer API_KEY`."""
+    from fastapi.testclient import TestClient
+
+    from workers.settings import get_settings
+
+    monkeypatch.setenv("RENOVA_API_KEYS", API_KEY)
+    get_settings.cache_clear()
+    from workers.api import create_app
+
+    with TestClient(create_app()) as client:
+        client.headers["Authorization"] = f"Bearer {API_KEY}"
+        yield client
+    get_settings.cache_clear()

@@ -4,10 +4,8 @@ for every refusal."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import date
 
-import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
@@ -16,21 +14,6 @@ from jobs.context import runtime
 from models.schema import ChangeRequest, Invoice, Subscription
 from tests.integration.factories import make_organization, make_subscription, noon, seed_plans
 from tests.integration.test_changes import payload, setup_organization, submit
-from workers.settings import get_settings
-
-API_KEY = "reads-key"
-
-
-@pytest.fixture
-def client(monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
-    monkeypatch.setenv("RENOVA_API_KEYS", API_KEY)
-    get_settings.cache_clear()
-    from workers.api import create_app
-
-    with TestClient(create_app()) as test_client:
-        test_client.headers["Authorization"] = f"Bearer {API_KEY}"
-        yield test_client
-    get_settings.cache_clear()
 
 
 def pages(client: TestClient, path: str, **params: object) -> list[list[int]]:
@@ -46,7 +29,7 @@ def pages(client: TestClient, path: str, **params: object) -> list[list[int]]:
         after = body["data"][-1]["id"]
 
 
-def test_an_organizations_subscriptions_newest_first_page_by_page(client, session):
+def test_an_organizations_subscriptions_newest_first_page_by_page(api_client, session):
     seed_plans(session)
     organization = make_organization(session, 1)
     old = make_subscription(session, organization, cycle="monthly", method="card", anchor=date(2026, 1, 10))
@@ -55,35 +38,35 @@ def test_an_organizations_subscriptions_newest_first_page_by_page(client, sessio
     make_subscription(session, make_organization(session, 2), cycle="monthly", method="card", anchor=date(2027, 1, 1))
     session.commit()
 
-    assert pages(client, "/v1/organizations/1/subscriptions", limit=1) == [[new.id], [old.id]]
-    first = client.get("/v1/organizations/1/subscriptions").json()["data"][0]
+    assert pages(api_client, "/v1/organizations/1/subscriptions", limit=1) == [[new.id], [old.id]]
+    first = api_client.get("/v1/organizations/1/subscriptions").json()["data"][0]
     assert first["status"] == "active" and first["cycle"] == "annual" and "open_invoices" in first
-    missing = client.get("/v1/organizations/999/subscriptions")
+    missing = api_client.get("/v1/organizations/999/subscriptions")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
-    too_many = client.get("/v1/organizations/1/subscriptions", params={"limit": 101})
+    too_many = api_client.get("/v1/organizations/1/subscriptions", params={"limit": 101})
     assert too_many.status_code == 422 and too_many.json()["error"]["code"] == "invalid_request"
 
 
-def test_a_subscriptions_invoices_carry_the_boleto_to_pay(client, session, billing_gateway):
+def test_a_subscriptions_invoices_carry_the_boleto_to_pay(api_client, session, billing_gateway):
     seed_plans(session)
     organization = make_organization(session, 1, card_token=None)
     subscription = make_subscription(session, organization, cycle="annual", method="boleto", anchor=date(2027, 3, 10))
     session.commit()
     run_day(session, billing_gateway, date(2028, 3, 3), noon(date(2028, 3, 3)), runtime().config)  # T − 7
 
-    answer = client.get(f"/v1/subscriptions/{subscription.id}/invoices")
+    answer = api_client.get(f"/v1/subscriptions/{subscription.id}/invoices")
 
     assert answer.status_code == 200, answer.text
     renewal, first = answer.json()["data"]
     assert (renewal["kind"], renewal["status"], renewal["period_start"]) == ("renewal", "open", "2028-03-10")
     assert len(renewal["boleto"]["digitable_line"]) >= 47 and renewal["boleto"]["status"] == "issued"
     assert first["status"] == "paid" and first["boleto"] is None and first["paid_on"] is not None
-    assert client.get("/v1/subscriptions/999/invoices").status_code == 404
+    assert api_client.get("/v1/subscriptions/999/invoices").status_code == 404
     ids = [row for row in session.scalars(select(Invoice.id).order_by(Invoice.id.desc()))]
-    assert pages(client, f"/v1/subscriptions/{subscription.id}/invoices", limit=1) == [[ids[0]], [ids[1]]]
+    assert pages(api_client, f"/v1/subscriptions/{subscription.id}/invoices", limit=1) == [[ids[0]], [ids[1]]]
 
 
-def test_change_requests_are_listed_by_organization_status_and_kind(client, session, billing_gateway):
+def test_change_requests_are_listed_by_organization_status_and_kind(api_client, session, billing_gateway):
     setup_organization(session)
     session.commit()
     subscribed = submit(session, billing_gateway, payload("subscribe", product="conecta", cycle="monthly",
@@ -92,7 +75,7 @@ def test_change_requests_are_listed_by_organization_status_and_kind(client, sess
     assert (subscribed.status, refused.status) == ("applied", "rejected")
 
     def ids(**params: object) -> list[int]:
-        answer = client.get("/v1/change-requests", params=params)
+        answer = api_client.get("/v1/change-requests", params=params)
         assert answer.status_code == 200, answer.text
         return [row["id"] for row in answer.json()["data"]]
 
@@ -100,27 +83,27 @@ def test_change_requests_are_listed_by_organization_status_and_kind(client, sess
     assert ids(status="rejected") == [refused.id]
     assert ids(kind="subscribe") == [subscribed.id]
     assert ids(organization_id=2) == []
-    rejected = client.get("/v1/change-requests", params={"status": "rejected"}).json()["data"][0]
+    rejected = api_client.get("/v1/change-requests", params={"status": "rejected"}).json()["data"][0]
     assert rejected["error"]["code"] and rejected["status"] == "rejected"
-    assert client.get("/v1/change-requests", params={"status": "lost"}).status_code == 422
+    assert api_client.get("/v1/change-requests", params={"status": "lost"}).status_code == 422
     assert session.scalar(select(ChangeRequest.id).where(ChangeRequest.id == subscribed.id))
 
 
-def test_events_are_read_after_a_cursor_and_a_bad_cursor_is_refused(client, session, billing_gateway):
+def test_events_are_read_after_a_cursor_and_a_bad_cursor_is_refused(api_client, session, billing_gateway):
     setup_organization(session)
     session.commit()
     submit(session, billing_gateway, payload("subscribe", product="conecta", cycle="monthly",
                                              payment_method="card"), date(2027, 3, 10))  # fmt: skip
 
-    everything = client.get("/v1/events").json()
+    everything = api_client.get("/v1/events").json()
     assert [event["type"] for event in everything["data"]][:2] == ["subscription.created", "invoice.created"]
     second = everything["data"][1]["id"]
-    after = client.get("/v1/events", params={"after": second, "limit": 2}).json()
+    after = api_client.get("/v1/events", params={"after": second, "limit": 2}).json()
     assert [event["id"] for event in after["data"]] == [event["id"] for event in everything["data"][2:4]]
     assert after["has_more"] is True
     for bad in ("evt_999999", "banana", "evt_-1"):
-        refused = client.get("/v1/events", params={"after": bad})
+        refused = api_client.get("/v1/events", params={"after": bad})
         assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_cursor", bad
-    anonymous = client.get("/v1/events", headers={"Authorization": ""})
+    anonymous = api_client.get("/v1/events", headers={"Authorization": ""})
     assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "unauthorized"
     assert session.scalar(select(Subscription.status)) == "active"

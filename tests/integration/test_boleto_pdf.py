@@ -9,37 +9,22 @@ import io
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from datetime import date
 
 import pytest
-from fastapi.testclient import TestClient
 from pypdf import PdfReader
 from sqlalchemy import select
 
 from jobs.billing_day import run_day
 from jobs.boleto_pdf import formatted_line
 from jobs.context import runtime
+from models.boleto import barcode_from_digitable_line
 from models.pix import parse_br_code
 from models.schema import Boleto, GatewayEvent, Invoice, LedgerEntry, Notification, Subscription
 from tests.integration.factories import make_organization, make_subscription, noon, seed_plans
 from workers.mail import MailSink, read_messages
-from workers.settings import get_settings
 
-API_KEY = "boleto-key"
 ISSUE_DAY = date(2028, 3, 3)  # T − 7 of a renewal on 2028-03-10
-
-
-@pytest.fixture
-def client(monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
-    monkeypatch.setenv("RENOVA_API_KEYS", API_KEY)
-    get_settings.cache_clear()
-    from workers.api import create_app
-
-    with TestClient(create_app()) as test_client:
-        test_client.headers["Authorization"] = f"Bearer {API_KEY}"
-        yield test_client
-    get_settings.cache_clear()
 
 
 def issued(session, gateway) -> Boleto:
@@ -68,15 +53,15 @@ def test_the_gateway_issues_a_boleto_hibrido(session, billing_gateway):
     assert code.txid == "".join(char for char in boleto.gateway_id if char.isalnum())[:25]
 
 
-def test_the_pdf_is_a_febraban_boleto_that_scans(session, billing_gateway, client, tmp_path):
+def test_the_pdf_is_a_febraban_boleto_that_scans(session, billing_gateway, api_client, tmp_path):
     boleto = issued(session, billing_gateway)
     invoice = session.get_one(Invoice, boleto.invoice_id)
 
-    answer = client.get(f"/v1/invoices/{invoice.id}/boleto.pdf")
+    answer = api_client.get(f"/v1/invoices/{invoice.id}/boleto.pdf")
 
     assert answer.status_code == 200, answer.text
     assert answer.headers["content-type"] == "application/pdf"
-    again = client.get(f"/v1/invoices/{invoice.id}/boleto.pdf")
+    again = api_client.get(f"/v1/invoices/{invoice.id}/boleto.pdf")
     assert again.content == answer.content and again.headers["etag"] == answer.headers["etag"]  # same bytes
     text = PdfReader(io.BytesIO(answer.content)).pages[0].extract_text()
     for expected in (
@@ -106,21 +91,24 @@ def test_the_pdf_is_a_febraban_boleto_that_scans(session, billing_gateway, clien
         dark = sum(1 for value in image.convert("L").getdata() if value < 128)
         assert dark > image.width * image.height * 0.01  # not a blank page
     scanned = subprocess.run([zbarimg, "-q", str(page)], capture_output=True, text=True, timeout=60).stdout.splitlines()
-    assert f"I2/5:{boleto.barcode}" in scanned  # the barcode is the boleto's 44 digits
+    assert f"I2/5:{boleto.barcode}" in scanned  # the barcode is the boleto's 44 digits…
+    assert boleto.barcode == barcode_from_digitable_line(boleto.digitable_line)  # …those of its linha digitável
     assert f"QR-Code:{boleto.pix_code}" in scanned  # the QR code is its Pix code
 
 
-def test_no_boleto_no_pdf(session, billing_gateway, client):
+def test_no_boleto_no_pdf(session, billing_gateway, api_client):
     boleto = issued(session, billing_gateway)
-    assert client.get("/v1/invoices/999999/boleto.pdf").status_code == 404
+    assert api_client.get("/v1/invoices/999999/boleto.pdf").status_code == 404
     boleto.status = "canceled"
     session.commit()
-    missing = client.get(f"/v1/invoices/{boleto.invoice_id}/boleto.pdf")
+    missing = api_client.get(f"/v1/invoices/{boleto.invoice_id}/boleto.pdf")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
-    assert client.get(f"/v1/invoices/{boleto.invoice_id}/boleto.pdf", headers={"Authorization": ""}).status_code == 401
+    assert (
+        api_client.get(f"/v1/invoices/{boleto.invoice_id}/boleto.pdf", headers={"Authorization": ""}).status_code == 401
+    )
 
 
-def test_the_boleto_issued_e_mail_carries_the_pdf_and_the_pix_code(session, billing_gateway, client, tmp_path):
+def test_the_boleto_issued_e_mail_carries_the_pdf_and_the_pix_code(session, billing_gateway, api_client, tmp_path):
     from jobs.notice_delivery import deliver_notification
     from workers.mail import SmtpMailer
 
@@ -139,7 +127,7 @@ def test_the_boleto_issued_e_mail_carries_the_pdf_and_the_pix_code(session, bill
     [attachment] = list(message.iter_attachments())
     assert attachment.get_content_type() == "application/pdf"
     assert attachment.get_filename() == f"boleto-{boleto.nosso_numero}.pdf"
-    served = client.get(f"/v1/invoices/{boleto.invoice_id}/boleto.pdf").content
+    served = api_client.get(f"/v1/invoices/{boleto.invoice_id}/boleto.pdf").content
     assert attachment.get_content() == served  # the same PDF as the API's
 
 
