@@ -16,12 +16,8 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from datetime import date
 from threading import Lock
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from reportlab.graphics.barcode.common import I2of5
-from reportlab.lib.pagesizes import A4
-from reportlab.lib.units import mm
-from reportlab.pdfgen.canvas import Canvas
 from sqlalchemy.orm import Session
 
 from models.calendar import format_date_br
@@ -29,6 +25,14 @@ from models.dunning import overdue_on, payable_until, suspend_on
 from models.money import format_brl
 from models.schema import Boleto, Invoice, Notification, Organization
 from models.states import BoletoStatus
+
+if TYPE_CHECKING:
+    from reportlab.pdfgen.canvas import Canvas
+
+# Points per millimetre (reportlab's `mm`): reportlab itself is imported only to render, so that every
+# process importing the notices does not pay for it.
+mm: Final = 72 / 25.4
+A4: Final = (210 * mm, 297 * mm)
 
 # Narrow bar and wide:narrow ratio of the barcode: 44 digits in about 12 cm, FEBRABAN's 1:3.
 NARROW_BAR: Final = 0.3 * mm
@@ -221,6 +225,9 @@ class _Page:
 
 def render(slip: BoletoSlip) -> bytes:
     from io import BytesIO
+
+    from reportlab.graphics.barcode.common import I2of5
+    from reportlab.pdfgen.canvas import Canvas
 
     buffer = BytesIO()
     canvas = Canvas(buffer, pagesize=A4, invariant=1, pageCompression=1)

@@ -148,7 +148,9 @@ def endpoints_deliveries(
         table.add_column(column)
     for delivery, event in rows:
         answer = (
-            f"HTTP {delivery.last_status_code}" if delivery.last_status_code is not None else delivery.last_error or "—"
+            f"HTTP {delivery.last_status_code} {delivery.last_response or ''}".strip()
+            if delivery.last_status_code is not None
+            else delivery.last_error or "—"
         )
         table.add_row(
             str(delivery.id),
