@@ -35,7 +35,7 @@ pytestmark = pytest.mark.usefixtures("ledger_checked")
 
 def snapshot(session) -> dict[str, list[tuple]]:
     """The billing rows, named by organization and period (ids differ from one run to the other); a
-    notice's context without the invoice id and the boleto's line (the gateway numbers each boleto)."""
+    notice's context without the invoice id, the boleto's id, line and Pix code (the gateway numbers each boleto)."""
     queries = {
         "subscriptions": "SELECT organization_id, status, payment_method, pending_payment_method, billing_anchor, "
         "current_period_start, current_period_end, balance_cents, suspended_at FROM subscriptions",
@@ -47,7 +47,8 @@ def snapshot(session) -> dict[str, list[tuple]]:
         "ledger": "SELECT s.organization_id, i.period_start, l.kind, l.amount_cents, l.description, l.details "
         "FROM ledger_entries l JOIN subscriptions s ON s.id = l.subscription_id "
         "LEFT JOIN invoices i ON i.id = l.invoice_id",
-        "notifications": "SELECT n.organization_id, n.kind, (n.context - 'invoice_id' - 'digitable_line')::text, "
+        "notifications": "SELECT n.organization_id, n.kind, "
+        "(n.context - 'invoice_id' - 'digitable_line' - 'pix_code' - 'boleto_id')::text, "
         "regexp_replace(n.dedupe_key, ':[0-9]+$', ''), n.recipients::text FROM notifications n",
     }
     return {name: sorted(map(tuple, session.execute(text(sql)).all()), key=repr) for name, sql in queries.items()}
