@@ -21,10 +21,14 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Test processes in parallel (pytest-xdist): most tests wait on servers and subprocesses, not on the CPU.
+TEST_PROCESSES ?= 3
+
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/pytest
+	$(BIN)/python -m tests.start_stack
+	$(BIN)/pytest -n $(TEST_PROCESSES)
 
 # Months of billing on the embedded stack in about two minutes; `make demo ARGS=--keep` leaves it running.
 demo: $(STAMP)
