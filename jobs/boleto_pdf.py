@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING, Final
 
 from sqlalchemy.orm import Session
 
+from models.boleto import bank_code_check_digit
 from models.calendar import format_date_br
 from models.dunning import overdue_on, payable_until, suspend_on
 from models.money import format_brl
+from models.policy import format_document
 from models.schema import Boleto, Invoice, Notification, Organization
 from models.states import BoletoStatus
 
@@ -108,7 +110,7 @@ def slip_for(
         due_date=boleto.due_date,
         amount_cents=boleto.amount_cents,
         payer_name=organization.name,
-        payer_document=format_document(organization.document or ""),
+        payer_document=format_document(organization.document) if organization.document else "",
         beneficiary=beneficiary,
         instructions=tuple(line for line in instructions if line),
         pix_code=boleto.pix_code,
@@ -134,21 +136,6 @@ def boleto_attachments(session: Session, notification: Notification) -> list[tup
         return []
     slip = slip_for(session, boleto_id, beneficiary, grace_business_days=runtime().config.boleto_grace_business_days)
     return [] if slip is None else [(f"boleto-{slip.nosso_numero}.pdf", boleto_pdf(slip))]
-
-
-def format_document(document: str) -> str:
-    if len(document) == 11 and document.isdigit():
-        return f"{document[:3]}.{document[3:6]}.{document[6:9]}-{document[9:]}"
-    if len(document) == 14:
-        return f"{document[:2]}.{document[2:5]}.{document[5:8]}/{document[8:12]}-{document[12:]}"
-    return document
-
-
-def bank_code_with_digit(bank: str) -> str:
-    """The bank's code as the slip's header shows it, with its module-11 check digit (`001-9`)."""
-    total = sum(int(digit) * weight for digit, weight in zip(reversed(bank), range(2, 10), strict=False))
-    remainder = 11 - total % 11
-    return f"{bank}-{'X' if remainder == 10 else 0 if remainder == 11 else remainder}"
 
 
 def formatted_line(line: str) -> str:
@@ -213,7 +200,9 @@ class _Page:
         canvas.line(LEFT + 38 * mm, top - 8 * mm, LEFT + 38 * mm, top - 1 * mm)
         canvas.line(LEFT + 58 * mm, top - 8 * mm, LEFT + 58 * mm, top - 1 * mm)
         canvas.setFont("Helvetica-Bold", 14)
-        canvas.drawCentredString(LEFT + 48 * mm, top - 6.5 * mm, bank_code_with_digit(slip.bank_code))
+        canvas.drawCentredString(
+            LEFT + 48 * mm, top - 6.5 * mm, f"{slip.bank_code}-{bank_code_check_digit(slip.bank_code)}"
+        )
         canvas.setFont("Helvetica-Bold", 10.5)
         canvas.drawRightString(LEFT + WIDTH, top - 6 * mm, formatted_line(slip.digitable_line) if title else "")
         if not title:

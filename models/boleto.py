@@ -96,6 +96,14 @@ def general_check_digit(barcode_without_check_digit: str) -> str:
     return "1" if check in (0, 10, 11) else str(check)
 
 
+def bank_code_check_digit(bank: str) -> str:
+    """The digit printed after a bank's code in a boleto's header (`001-9`): mod 11, weights 2..9 from
+    the right; 10 and 11 become 0 (Caixa's 104-0)."""
+    _require_digits(bank, "código do banco")
+    check = 11 - _mod11_weighted_sum(bank) % 11
+    return "0" if check in (10, 11) else str(check)
+
+
 def nosso_numero_check_digit(digits: str) -> str:
     """Mod-11 digit (weights 2..9 from the right) of a nosso número; 10 and 11 become 0."""
     _require_digits(digits, "nosso número")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import random
 import subprocess
 import sys
@@ -105,7 +106,7 @@ class EventReceiver:
                 self.end_headers()
 
             def log_message(self, format: str, *args: object) -> None:
-                pass
+                """No line per request on the run's output."""
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
@@ -468,7 +469,7 @@ def run_chaos(
                 on_day=on_day,
             ).run()
         stack.check_alive()
-        check(world, report.result, stack.mail, {**_environ(), **stack.env}, report)
+        check(world, report.result, stack.mail, {**os.environ, **stack.env}, report)
     except (DemoError, httpx.HTTPError, redis.RedisError) as exc:
         report.error = f"{type(exc).__name__}: {exc}"
     finally:
@@ -478,9 +479,3 @@ def run_chaos(
         world.close()
         report.seconds = time.monotonic() - started
     return report
-
-
-def _environ() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)

@@ -53,15 +53,21 @@ def test_a_subscribe_writes_its_events_with_the_change(session, billing_gateway)
 
 
 def test_a_change_rolled_back_leaves_no_event(session, billing_gateway):
-    setup_organization(session)
+    from tests.integration.factories import make_subscription
+
+    subscription = make_subscription(session, setup_organization(session), cycle="monthly", method="card", anchor=D)
     session.commit()
     before = types(session)
-    subscription_row = session.execute(text("SELECT count(*) FROM subscriptions")).scalar()
-    assert subscription_row == 0
+    suspend = text("UPDATE subscriptions SET status = 'suspended' WHERE id = :id")
     with get_session_factory()() as other:
-        other.execute(text("UPDATE organizations SET name = name"))
+        other.execute(suspend, {"id": subscription.id})
+        assert "subscription.suspended" in types(other)  # written with the change, in its transaction…
         other.rollback()
-    assert types(session) == before
+    assert types(session) == before  # …and gone with it
+    with get_session_factory()() as other:
+        other.execute(suspend, {"id": subscription.id})
+        other.commit()
+    assert types(session) == [*before, "subscription.suspended"]
 
 
 def test_the_cursor_never_passes_a_transaction_still_running(session, billing_gateway):
@@ -145,7 +151,7 @@ class Receiver:
                 self.end_headers()
 
             def log_message(self, format: str, *args: object) -> None:
-                pass
+                """No line per request on the test's output."""
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True

@@ -372,3 +372,10 @@ def test_invalid_barcodes_are_rejected(barcode: str, reason: str) -> None:
     assert caught.value.reason == reason
     with pytest.raises(InvalidBoletoLine):
         digitable_line(barcode)
+
+
+@pytest.mark.parametrize(("bank", "printed"), [("001", "9"), ("341", "7"), ("237", "2"), ("033", "7"), ("104", "0")])
+def test_a_banks_code_has_its_printed_check_digit(bank, printed):
+    from models.boleto import bank_code_check_digit
+
+    assert bank_code_check_digit(bank) == printed
