@@ -107,7 +107,7 @@ class HttpGateway:
         self._max_in_flight = max_in_flight
         self._options: dict[str, Any] = {
             "base_url": base_url.rstrip("/"),
-            "headers": {"Authorization": f"Bearer {api_key}", "Accept": "application/json", **(headers or {})},
+            "headers": {**self._auth_headers(api_key), "Accept": "application/json", **(headers or {})},
             # Writes get the read budget: a large body on a slow link is not a dead gateway.
             "timeout": httpx.Timeout(
                 connect=connect_timeout, read=read_timeout, write=read_timeout, pool=connect_timeout
@@ -193,11 +193,50 @@ class HttpGateway:
         if not self._closed:
             self._client = self._new_client()
 
+    # --- the PSP's dialect: where each request goes, its body, and what each answer means ----------
+    # A subclass for another PSP (gateways.pagarme) overrides these and the single calls below; the
+    # transport, the batches and the rule of what a failure may have done stay here.
+
+    @staticmethod
+    def _auth_headers(api_key: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {api_key}"}
+
+    def _charge_call(self, request: ChargeRequest) -> tuple[str, dict[str, Any]]:
+        return "/v1/charges", _charge_body(request.card_token, request.amount_cents, request.description)
+
+    def _charge_outcome(self, response: httpx.Response, request: ChargeRequest) -> ChargeResult:
+        """A charge's 2xx answer: the result, or `Declined` when the charge failed."""
+        return _charge_from(response)
+
+    def _boleto_call(self, issue: BoletoIssue) -> tuple[str, dict[str, Any]]:
+        return "/v1/boletos", _boleto_body(issue.invoice, issue.payer, issue.due_date)
+
+    def _boleto_outcome(self, response: httpx.Response, issue: BoletoIssue) -> BoletoIssued:
+        return _parse(_boleto_issued, response)
+
+    def _refusal(
+        self, response: httpx.Response, method: str, path: str, *, read_only: bool, not_found_ok: bool
+    ) -> GatewayError | None:
+        """The error a non-2xx answer means, or None for an allowed not-found."""
+        return _refusal(response, method, path, read_only=read_only, not_found_ok=not_found_ok)
+
+    def _checked(
+        self, response: httpx.Response, method: str, path: str, *, read_only: bool = False, not_found_ok: bool = False
+    ) -> httpx.Response:
+        """A 2xx response (or an explicit not-found when allowed), else the error it means, raised."""
+        if response.is_success:
+            return response
+        error = self._refusal(response, method, path, read_only=read_only, not_found_ok=not_found_ok)
+        if error is not None:
+            raise error
+        return response
+
     # --- the port --------------------------------------------------------------------------------
 
     def charge(self, card_token: str, amount_cents: int, idempotency_key: str, description: str) -> ChargeResult:
-        body = _charge_body(card_token, amount_cents, description)
-        return _charge_from(self._send("POST", "/v1/charges", json=body, idempotency_key=idempotency_key))
+        request = ChargeRequest(card_token, amount_cents, idempotency_key, description)
+        path, body = self._charge_call(request)
+        return self._charge_outcome(self._send("POST", path, json=body, idempotency_key=idempotency_key), request)
 
     def find_charge(self, idempotency_key: str) -> ChargeResult | None:
         response = self._send(
@@ -212,9 +251,9 @@ class HttpGateway:
         return _parse(_charge_result, response, read_only=True)
 
     def issue_boleto(self, invoice: BoletoRequest, payer: Payer, due_date: date, idempotency_key: str) -> BoletoIssued:
-        body = _boleto_body(invoice, payer, due_date)
-        response = self._send("POST", "/v1/boletos", json=body, idempotency_key=idempotency_key)
-        return _parse(_boleto_issued, response)
+        issue = BoletoIssue(invoice, payer, due_date, idempotency_key)
+        path, body = self._boleto_call(issue)
+        return self._boleto_outcome(self._send("POST", path, json=body, idempotency_key=idempotency_key), issue)
 
     def cancel_boleto(self, boleto_ref: str) -> None:
         # Cancelling is idempotent on the gateway, so no key is needed and retrying is always safe.
@@ -279,13 +318,13 @@ class HttpGateway:
 
     async def _charge_async(self, session: aiohttp.ClientSession, request: ChargeRequest) -> ChargeResult:
         """`charge`, awaited: the same request and the same mapping of its answer."""
-        body = _charge_body(request.card_token, request.amount_cents, request.description)
-        return _charge_from(await self._post_async(session, "/v1/charges", body, request.idempotency_key))
+        path, body = self._charge_call(request)
+        return self._charge_outcome(await self._post_async(session, path, body, request.idempotency_key), request)
 
     async def _issue_boleto_async(self, session: aiohttp.ClientSession, issue: BoletoIssue) -> BoletoIssued:
         """`issue_boleto`, awaited."""
-        body = _boleto_body(issue.invoice, issue.payer, issue.due_date)
-        return _parse(_boleto_issued, await self._post_async(session, "/v1/boletos", body, issue.idempotency_key))
+        path, body = self._boleto_call(issue)
+        return self._boleto_outcome(await self._post_async(session, path, body, issue.idempotency_key), issue)
 
     async def _post_async(
         self, session: aiohttp.ClientSession, path: str, body: dict[str, Any], idempotency_key: str
@@ -305,7 +344,7 @@ class HttpGateway:
                 )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _transport_failure(_as_httpx_error(exc), method, path, read_only=False) from exc
-        return _checked(response, method, path)
+        return self._checked(response, method, path)
 
     # --- transport -------------------------------------------------------------------------------
 
@@ -330,7 +369,7 @@ class HttpGateway:
             )
         except httpx.TransportError as exc:
             raise _transport_failure(exc, method, path, read_only=read_only) from exc
-        return _checked(response, method, path, read_only=read_only, not_found_ok=not_found_ok)
+        return self._checked(response, method, path, read_only=read_only, not_found_ok=not_found_ok)
 
 
 class _BatchLoop:
@@ -498,12 +537,10 @@ def _transport_failure(exc: httpx.TransportError, method: str, path: str, *, rea
     return Ambiguous(f"no answer after sending {method} {path}: {exc!r}")
 
 
-def _checked(
-    response: httpx.Response, method: str, path: str, *, read_only: bool = False, not_found_ok: bool = False
-) -> httpx.Response:
-    """A 2xx response (or an explicit not-found when allowed), else the error it means."""
-    if response.is_success:
-        return response
+def _refusal(
+    response: httpx.Response, method: str, path: str, *, read_only: bool, not_found_ok: bool
+) -> GatewayError | None:
+    """What the sandbox's non-2xx answer means: the error to raise, or None for its own not-found."""
     error = _error_body(response)
     code = str(error.get("code") or f"http_{response.status_code}")
     message = str(error.get("message") or response.reason_phrase)
@@ -512,26 +549,26 @@ def _checked(
     # Only the gateway's own "no such record" counts as not found: a 404 from a proxy or a wrong
     # URL must not make reconciliation believe a charge never happened.
     if status == 404 and not_found_ok and code == "resource_missing":
-        return response
+        return None
     if status == 402:
         hard = bool(error.get("hard", code in HARD_DECLINE_CODES))
         charge = error.get("charge")
         gateway_id = charge.get("id") if isinstance(charge, dict) else None
-        raise Declined(code, message, hard, gateway_id)
+        return Declined(code, message, hard, gateway_id)
     if status == 409 and code == "request_in_progress":
         # The same key is being processed right now by another request: its outcome is unknown.
-        raise Ambiguous(f"{method} {path}: {message}")
+        return Ambiguous(f"{method} {path}: {message}")
     if status == 409 and error.get("type") == "idempotency_error":
-        raise IdempotencyConflict(code, message, status)
+        return IdempotencyConflict(code, message, status)
     if status in (401, 403):
-        raise AuthenticationFailed(f"gateway refused the credentials (HTTP {status}): {code}: {message}")
+        return AuthenticationFailed(f"gateway refused the credentials (HTTP {status}): {code}: {message}")
     if status in (408, 429) or (status == 503 and error.get("processed") is False):
-        raise Unavailable(f"gateway refused {method} {path} without processing it: {code}: {message}")
+        return Unavailable(f"gateway refused {method} {path} without processing it: {code}: {message}")
     if status >= 500 or status < 400:
         if read_only:
-            raise Unavailable(f"gateway lookup failed: HTTP {status}")
-        raise Ambiguous(f"{method} {path} answered HTTP {status}: {message}")
-    raise GatewayRejected(code, message, status)
+            return Unavailable(f"gateway lookup failed: HTTP {status}")
+        return Ambiguous(f"{method} {path} answered HTTP {status}: {message}")
+    return GatewayRejected(code, message, status)
 
 
 def _parse(parser: Callable[[Any], T], response: httpx.Response, *, read_only: bool = False) -> T:

@@ -133,9 +133,14 @@ def _once(build: Callable[[], T]) -> Callable[[], T]:
 @_once
 def gateway_factory() -> Gateway:
     """One gateway client per process: its connection pools and batch loop (GATEWAY_MAX_IN_FLIGHT) are shared."""
+    settings = get_settings()
+    if settings.gateway == "pagarme":
+        from gateways.pagarme import PagarmeGateway
+
+        return PagarmeGateway.from_settings(settings)
     from gateways.http import HttpGateway
 
-    return HttpGateway.from_settings(get_settings())
+    return HttpGateway.from_settings(settings)
 
 
 @_once

@@ -710,18 +710,39 @@ def gateway(
     timeout_rate: float = typer.Option(0.0, help="Share of charges that succeed but answer too late (0–1)."),
     unavailable_rate: float = typer.Option(0.0, help="Share of requests refused with 503, not processed (0–1)."),
     data_dir: Path = typer.Option(Path(".renova/gateway"), help="Folder for the sandbox's SQLite state."),
-    webhook_url: str = typer.Option(
-        "http://127.0.0.1:8000/v1/webhooks/gateway", help="Where boleto paid/expired webhooks are posted."
+    webhook_url: str | None = typer.Option(
+        None,
+        help="Where boleto paid/expired webhooks are posted (default: the local API's "
+        "/v1/webhooks/gateway, or /v1/webhooks/pagarme with --flavor pagarme).",
     ),
     webhook_secret: str = typer.Option(
         "whsec_sandbox", envvar="GATEWAY_WEBHOOK_SECRET", help="HMAC secret for webhook signatures."
     ),
     api_key: str = typer.Option("sk_sandbox", envvar="GATEWAY_API_KEY", help="API key clients must send."),
+    flavor: str = typer.Option(
+        "sandbox",
+        help="Which PSP's API to serve: sandbox (its own, /v1) or pagarme (Pagar.me v5, under /core/v5).",
+    ),
+    webhook_username: str = typer.Option(
+        "", envvar="PAGARME_WEBHOOK_USERNAME", help="pagarme: the Basic user name sent with every webhook."
+    ),
+    webhook_password: str = typer.Option(
+        "", envvar="PAGARME_WEBHOOK_PASSWORD", help="pagarme: the Basic password sent with every webhook."
+    ),
 ) -> None:
-    """Run the sandbox payment gateway (development, tests, demo, benchmarks)."""
+    """Run the sandbox payment gateway (development, tests, demo, benchmarks), in its own API or Pagar.me's."""
     from gateways.sandbox import serve
+    from gateways.sandbox.models import FLAVORS
 
+    if flavor not in FLAVORS:
+        fail(f"--flavor must be one of {', '.join(FLAVORS)}, got {flavor!r}", code=2)
+    if webhook_url is None:
+        route = "pagarme" if flavor == "pagarme" else "gateway"
+        webhook_url = f"http://127.0.0.1:8000/v1/webhooks/{route}"
     serve(
+        flavor=flavor,  # type: ignore[arg-type]
+        webhook_username=webhook_username,
+        webhook_password=webhook_password,
         host=host,
         port=port,
         latency_ms=latency_ms,

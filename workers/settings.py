@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import zoneinfo
 from datetime import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -18,6 +20,10 @@ SANDBOX_API_KEY = "sk_sandbox"
 SANDBOX_WEBHOOK_SECRET = "whsec_sandbox"
 # The beneficiary printed on boletos in development and test; production must name the real one.
 DEVELOPMENT_BENEFICIARY_CNPJ = "11.222.333/0001-81"
+
+
+GatewayName = Literal["sandbox", "pagarme"]
+PAGARME_JWKS_URL = "https://hubapi.pagar.me/.well-known/jwks.json"
 
 
 class SettingsError(RuntimeError):
@@ -52,6 +58,9 @@ class Settings(BaseSettings):
     beneficiary_agency_code: str = Field("0001 / 1234567-8", max_length=30, alias="BENEFICIARY_AGENCY_CODE")
     beneficiary_wallet: str = Field("109", max_length=10, alias="BENEFICIARY_WALLET")
 
+    # Which PSP Renova talks to: the sandbox (development, tests) or Pagar.me (API v5; GATEWAY_URL is
+    # https://api.pagar.me/core/v5 in production, the emulator's /core/v5 in development).
+    gateway: GatewayName = Field("sandbox", alias="GATEWAY")
     gateway_url: str = Field("http://127.0.0.1:8700", alias="GATEWAY_URL")
     gateway_api_key: SecretStr = Field(SecretStr(SANDBOX_API_KEY), alias="GATEWAY_API_KEY")
     gateway_webhook_secret: SecretStr = Field(SecretStr(SANDBOX_WEBHOOK_SECRET), alias="GATEWAY_WEBHOOK_SECRET")
@@ -60,6 +69,12 @@ class Settings(BaseSettings):
     # Charges a worker process keeps at the gateway at once (over all its threads): at 200–800 ms per
     # answer, this, not the thread count, is what bounds a process's charging rate.
     gateway_max_in_flight: int = Field(128, ge=1, le=1000, alias="GATEWAY_MAX_IN_FLIGHT")
+    # Pagar.me's webhooks: checked against the RS256 signature it sends (`X-Webhook-Asymmetric-Signature`,
+    # keys published at this JWKS URL; empty: not checked) and/or the Basic credentials set on the
+    # endpoint in Pagar.me's dashboard (empty user name: not checked). At least one must be on.
+    pagarme_webhook_jwks_url: str = Field(PAGARME_JWKS_URL, alias="PAGARME_WEBHOOK_JWKS_URL")
+    pagarme_webhook_username: str = Field("", alias="PAGARME_WEBHOOK_USERNAME")
+    pagarme_webhook_password: SecretStr = Field(SecretStr(""), alias="PAGARME_WEBHOOK_PASSWORD")
 
     api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field((), alias="RENOVA_API_KEYS")
     # Signs the console's session cookies; the default is for development and is refused in production.
@@ -134,11 +149,7 @@ def production_problems(settings: Settings) -> list[str]:
     """What would make this configuration unsafe in production, one line per setting: development
     defaults anyone can read in the README (the sandbox's key and webhook secret, with which anyone
     could sign a `boleto.paid`), no API key, and the embedded database, Redis or mail sink."""
-    problems = []
-    if settings.gateway_webhook_secret.get_secret_value() in ("", SANDBOX_WEBHOOK_SECRET):
-        problems.append("GATEWAY_WEBHOOK_SECRET is unset or the sandbox's: anyone could sign gateway webhooks")
-    if settings.gateway_api_key.get_secret_value() in ("", SANDBOX_API_KEY):
-        problems.append("GATEWAY_API_KEY is unset or the sandbox's")
+    problems = gateway_problems(settings)
     if not settings.api_keys:
         problems.append("RENOVA_API_KEYS is empty: the main application could not call the API")
     if settings.console_secret_key.get_secret_value() in ("", DEVELOPMENT_CONSOLE_SECRET):
@@ -152,6 +163,46 @@ def production_problems(settings: Settings) -> list[str]:
     if settings.beneficiary_cnpj == DEVELOPMENT_BENEFICIARY_CNPJ:
         problems.append("BENEFICIARY_CNPJ is the development one: boletos would name the wrong beneficiary")
     return problems
+
+
+def gateway_problems(settings: Settings) -> list[str]:
+    """What keeps the gateway settings from taking real money safely (see production_problems)."""
+    problems = []
+    api_key = settings.gateway_api_key.get_secret_value()
+    if settings.gateway == "sandbox":
+        if settings.gateway_webhook_secret.get_secret_value() in ("", SANDBOX_WEBHOOK_SECRET):
+            problems.append("GATEWAY_WEBHOOK_SECRET is unset or the sandbox's: anyone could sign gateway webhooks")
+        if api_key in ("", SANDBOX_API_KEY):
+            problems.append("GATEWAY_API_KEY is unset or the sandbox's")
+        return problems
+    if not api_key.startswith("sk_") or api_key.startswith("sk_test_"):
+        problems.append("GATEWAY_API_KEY is not a Pagar.me production secret key (sk_…, not sk_test_…)")
+    url = urlsplit(settings.gateway_url)
+    if url.scheme != "https" or _is_local(url.hostname or ""):
+        problems.append(
+            f"GATEWAY_URL {settings.gateway_url!r} is not Pagar.me's (https://api.pagar.me/core/v5): "
+            "the emulator takes no money"
+        )
+    jwks = settings.pagarme_webhook_jwks_url
+    if jwks and (urlsplit(jwks).scheme != "https" or _is_local(urlsplit(jwks).hostname or "")):
+        problems.append(f"PAGARME_WEBHOOK_JWKS_URL {jwks!r} is not an https address of Pagar.me's")
+    if not jwks and not settings.pagarme_webhook_username:
+        problems.append(
+            "Pagar.me webhooks would be unauthenticated: set PAGARME_WEBHOOK_JWKS_URL or the Basic credentials"
+        )
+    if settings.pagarme_webhook_username and not settings.pagarme_webhook_password.get_secret_value():
+        problems.append("PAGARME_WEBHOOK_PASSWORD is empty")
+    return problems
+
+
+def _is_local(host: str) -> bool:
+    if host in ("localhost", "") or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_private or address.is_unspecified
 
 
 def refuse_unsafe_production(settings: Settings) -> None:

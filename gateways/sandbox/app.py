@@ -41,6 +41,8 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateways.pagarme_webhooks import jwk, new_signing_key
+from gateways.sandbox import pagarme
 from gateways.sandbox.models import (
     ApiError,
     BoletoIn,
@@ -56,7 +58,7 @@ from gateways.sandbox.models import (
     _not_processed,
 )
 from gateways.sandbox.store import STATE_FILE, Store
-from gateways.sandbox.webhooks import WebhookDispatcher
+from gateways.sandbox.webhooks import SIGNING_KEY_ID, WebhookDispatcher
 
 
 def _fingerprint(method: str, path: str, payload: BaseModel) -> str:
@@ -122,8 +124,18 @@ class _CountProbes:
 def create_app(config: SandboxConfig, data_dir: Path, stopping: threading.Event | None = None) -> FastAPI:
     """The sandbox application; `stopping` is set when the server starts shutting down."""
     stopping = stopping or threading.Event()
-    store = Store(Path(data_dir) / STATE_FILE)
-    dispatcher = WebhookDispatcher(store, config)
+    pagarme_flavor = config.flavor == "pagarme"
+    store = (
+        Store(
+            Path(data_dir) / STATE_FILE,
+            boleto_prefix=pagarme.BOLETO_ID_PREFIX,
+            write_event=pagarme.webhook_writer(config),
+        )
+        if pagarme_flavor
+        else Store(Path(data_dir) / STATE_FILE)
+    )
+    signing_key = new_signing_key() if pagarme_flavor else None
+    dispatcher = WebhookDispatcher(store, config, signing_key)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -134,7 +146,8 @@ def create_app(config: SandboxConfig, data_dir: Path, stopping: threading.Event 
             dispatcher.stop()
             store.close()
 
-    app = FastAPI(title="Renova sandbox gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    title = "Renova sandbox gateway" + (" (Pagar.me v5)" if pagarme_flavor else "")
+    app = FastAPI(title=title, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.store = store
     app.state.config = config
     probes: dict[str, _Probe] = {}
@@ -147,7 +160,10 @@ def create_app(config: SandboxConfig, data_dir: Path, stopping: threading.Event 
         return JSONResponse(exc.body, status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if request.url.path.startswith(pagarme.PREFIX):
+            errors = {".".join(str(part) for part in error["loc"]): [error["msg"]] for error in exc.errors()}
+            return JSONResponse(pagarme.error_body("The request is invalid.", errors), status_code=422)
         problems = "; ".join(
             f"{'.'.join(str(part) for part in error['loc'] if part != 'body')}: {error['msg']}"
             for error in exc.errors()
@@ -199,7 +215,11 @@ def create_app(config: SandboxConfig, data_dir: Path, stopping: threading.Event 
         return key
 
     @app.exception_handler(NotProcessed)
-    async def _not_processed_handler(_: Request, __: NotProcessed) -> JSONResponse:
+    async def _not_processed_handler(request: Request, __: NotProcessed) -> JSONResponse:
+        if request.url.path.startswith(pagarme.PREFIX):
+            # Pagar.me's rate limit: the one refusal it documents as "nothing was done".
+            body = pagarme.error_body("Too many requests; the request was not processed.")
+            return JSONResponse(body, status_code=429, headers={"Retry-After": "1"})
         return JSONResponse(
             _not_processed("Temporarily unavailable; the request was not processed."),
             status_code=503,
@@ -209,6 +229,13 @@ def create_app(config: SandboxConfig, data_dir: Path, stopping: threading.Event 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    if signing_key is not None:
+
+        @app.get("/.well-known/jwks.json")
+        async def jwks() -> dict[str, Any]:
+            """The public key of the webhooks' signatures, as Pagar.me publishes its own."""
+            return {"keys": [jwk(signing_key, SIGNING_KEY_ID)]}
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
@@ -338,6 +365,22 @@ def create_app(config: SandboxConfig, data_dir: Path, stopping: threading.Event 
         dispatcher.notify()
         return JSONResponse(config.public())
 
-    app.include_router(v1)
+    @sandbox.get("/charges/{charge_id}")
+    async def sandbox_charge(charge_id: str) -> JSONResponse:
+        """A card charge as the store holds it, whatever the flavor (with `amount_refunded_cents`)."""
+        charge = await run_in_threadpool(lambda: store.find_charge(charge_id=charge_id))
+        if charge is None:
+            raise ApiError(404, "invalid_request_error", "resource_missing", f"No charge {charge_id!r}.")
+        return JSONResponse(charge)
+
+    @sandbox.get("/boletos/{boleto_id}")
+    async def sandbox_boleto(boleto_id: str) -> JSONResponse:
+        """A boleto as the store holds it, whatever the flavor."""
+        boleto = await run_in_threadpool(store.get_boleto, boleto_id)
+        if boleto is None:
+            raise ApiError(404, "invalid_request_error", "resource_missing", f"No boleto {boleto_id!r}.")
+        return JSONResponse(boleto)
+
+    app.include_router(pagarme.router(store, config, front_door, respond) if pagarme_flavor else v1)
     app.include_router(sandbox)
     return app

@@ -44,6 +44,9 @@ TEST_CARDS: dict[str, CardBehaviour] = {
 }
 
 
+Flavor = Literal["sandbox", "pagarme"]
+FLAVORS: tuple[Flavor, ...] = ("sandbox", "pagarme")
+
 # --- configuration --------------------------------------------------------------------------------
 
 
@@ -58,9 +61,15 @@ class SandboxConfig:
     stall_ms: int = DEFAULT_STALL_MS
     webhook_max_attempts: int = DEFAULT_WEBHOOK_MAX_ATTEMPTS
     webhook_retry_base_s: float = 1.0
+    # Which PSP's API is served: "sandbox" (/v1, signed webhooks) or "pagarme" (Pagar.me v5 under
+    # /core/v5, webhooks with the Basic credentials below).
+    flavor: Flavor = "sandbox"
+    webhook_username: str = ""
+    webhook_password: str = ""
 
     def public(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in ("api_key", "webhook_secret")}
+        secret = ("api_key", "webhook_secret", "webhook_password")
+        return {k: v for k, v in asdict(self).items() if k not in secret}
 
 
 class ConfigUpdate(BaseModel):

@@ -95,6 +95,19 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
     delivered_at REAL
 );
 CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (status, next_attempt_at);
+-- Pagar.me's flavor (gateways.sandbox.pagarme): the order around each charge or boleto.
+CREATE TABLE IF NOT EXISTS orders (
+    id TEXT PRIMARY KEY,
+    code TEXT NOT NULL,
+    charge_id TEXT NOT NULL UNIQUE,
+    amount INTEGER NOT NULL,
+    customer TEXT NOT NULL,
+    items TEXT NOT NULL,
+    payment TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS orders_by_code ON orders (code);
 """
 
 

@@ -9,7 +9,13 @@ from types import FrameType
 import uvicorn
 
 from gateways.sandbox.app import create_app
-from gateways.sandbox.models import DEFAULT_STALL_MS, DEFAULT_WEBHOOK_MAX_ATTEMPTS, SandboxConfig
+from gateways.sandbox.models import (
+    DEFAULT_STALL_MS,
+    DEFAULT_WEBHOOK_MAX_ATTEMPTS,
+    FLAVORS,
+    Flavor,
+    SandboxConfig,
+)
 
 
 def serve(
@@ -26,6 +32,9 @@ def serve(
     stall_ms: int = DEFAULT_STALL_MS,
     webhook_max_attempts: int = DEFAULT_WEBHOOK_MAX_ATTEMPTS,
     webhook_retry_base_s: float = 1.0,
+    flavor: Flavor = "sandbox",
+    webhook_username: str = "",
+    webhook_password: str = "",
 ) -> None:
     """Run the sandbox until SIGINT/SIGTERM (uvicorn stops gracefully on both)."""
     if latency_ms < 0 or stall_ms < 0:
@@ -34,6 +43,8 @@ def serve(
         raise ValueError("timeout_rate and unavailable_rate must be between 0 and 1")
     if not api_key or not webhook_secret:
         raise ValueError("api_key and webhook_secret must not be empty")
+    if flavor not in FLAVORS:
+        raise ValueError(f"flavor must be one of {', '.join(FLAVORS)}")
     config = SandboxConfig(
         api_key=api_key,
         webhook_secret=webhook_secret,
@@ -44,6 +55,9 @@ def serve(
         stall_ms=stall_ms,
         webhook_max_attempts=webhook_max_attempts,
         webhook_retry_base_s=webhook_retry_base_s,
+        flavor=flavor,
+        webhook_username=webhook_username,
+        webhook_password=webhook_password,
     )
     stopping = threading.Event()
     app = create_app(config, Path(data_dir), stopping)

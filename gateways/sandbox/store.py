@@ -36,7 +36,7 @@ from gateways.sandbox.schema import (
     _refund_json,
     migrate,
 )
-from gateways.sandbox.webhooks import enqueue_event
+from gateways.sandbox.webhooks import EventWriter, enqueue_event
 from models.boleto import digitable_line, free_field_for, make_barcode, nosso_numero
 
 STATE_FILE = "sandbox.sqlite3"
@@ -49,7 +49,11 @@ class Store:
     """All sandbox state. One connection behind a lock: every operation is a short serialized
     transaction, which also serializes concurrent requests with the same idempotency key."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, boleto_prefix: str = "bol", write_event: EventWriter = enqueue_event) -> None:
+        """`boleto_prefix` starts every boleto's id; `write_event` writes a boleto's paid or expired
+        webhook in the flavor's shape (both set by the API flavor, see gateways.sandbox.pagarme)."""
+        self.boleto_prefix = boleto_prefix
+        self._write_event = write_event
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
@@ -121,60 +125,62 @@ class Store:
     # charges
 
     def create_charge(self, key: str, fingerprint: str, payload: ChargeIn) -> Reply:
-        def process(db: sqlite3.Connection, now: float) -> Reply:
-            card = TEST_CARDS.get(payload.card_token)
-            if card is None:
-                return Reply(
-                    400,
-                    _error(
-                        "invalid_request_error",
-                        "invalid_card_token",
-                        f"Unknown card token {payload.card_token!r}.",
-                    ),
-                )
-            expired = self._expired_key(db, "charges", key)
-            if expired is not None:
-                return expired
-            if card.refusals:
-                row = db.execute("SELECT count FROM refusals WHERE idempotency_key = ?", (key,)).fetchone()
-                refused = row["count"] if row else 0
-                if refused < card.refusals:
-                    db.execute(
-                        "INSERT INTO refusals (idempotency_key, count) VALUES (?, 1) "
-                        "ON CONFLICT (idempotency_key) DO UPDATE SET count = count + 1",
-                        (key,),
-                    )
-                    return Reply(503, _not_processed("Temporarily unavailable; the charge was not processed."))
-            charge_id = _new_id("ch")
-            db.execute(
-                "INSERT INTO charges (id, idempotency_key, card_token, amount_cents, description, status, "
-                "failure_code, failure_message, hard_decline, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    charge_id,
-                    key,
-                    payload.card_token,
-                    payload.amount_cents,
-                    payload.description,
-                    "succeeded" if card.succeeds else "failed",
-                    card.code,
-                    card.message,
-                    int(card.hard),
-                    now,
+        return self.idempotent(key, fingerprint, lambda db, now: self.process_charge(db, now, key, payload))
+
+    def process_charge(self, db: sqlite3.Connection, now: float, key: str, payload: ChargeIn) -> Reply:
+        """Charge a test card, inside `idempotent`'s transaction: the sandbox's answer (any flavor's
+        API translates it)."""
+        card = TEST_CARDS.get(payload.card_token)
+        if card is None:
+            return Reply(
+                400,
+                _error(
+                    "invalid_request_error",
+                    "invalid_card_token",
+                    f"Unknown card token {payload.card_token!r}.",
                 ),
             )
-            charge = _charge_json(db.execute(f"{_SELECT_CHARGE} WHERE id = ?", (charge_id,)).fetchone())
-            if not card.succeeds:
-                assert card.code is not None and card.message is not None
-                body = _error("card_error", card.code, card.message, hard=card.hard, charge=charge)
-                return Reply(402, body, processed=True)
-            db.execute(
-                "INSERT INTO ledger (kind, ref, idempotency_key, amount_cents, card_token, charge_id, created) "
-                "VALUES ('charge', ?, ?, ?, ?, ?, ?)",
-                (charge_id, key, payload.amount_cents, payload.card_token, charge_id, now),
-            )
-            return Reply(200, charge, processed=True, stall=card.stall)
-
-        return self.idempotent(key, fingerprint, process)
+        expired = self._expired_key(db, "charges", key)
+        if expired is not None:
+            return expired
+        if card.refusals:
+            row = db.execute("SELECT count FROM refusals WHERE idempotency_key = ?", (key,)).fetchone()
+            refused = row["count"] if row else 0
+            if refused < card.refusals:
+                db.execute(
+                    "INSERT INTO refusals (idempotency_key, count) VALUES (?, 1) "
+                    "ON CONFLICT (idempotency_key) DO UPDATE SET count = count + 1",
+                    (key,),
+                )
+                return Reply(503, _not_processed("Temporarily unavailable; the charge was not processed."))
+        charge_id = _new_id("ch")
+        db.execute(
+            "INSERT INTO charges (id, idempotency_key, card_token, amount_cents, description, status, "
+            "failure_code, failure_message, hard_decline, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                charge_id,
+                key,
+                payload.card_token,
+                payload.amount_cents,
+                payload.description,
+                "succeeded" if card.succeeds else "failed",
+                card.code,
+                card.message,
+                int(card.hard),
+                now,
+            ),
+        )
+        charge = _charge_json(db.execute(f"{_SELECT_CHARGE} WHERE id = ?", (charge_id,)).fetchone())
+        if not card.succeeds:
+            assert card.code is not None and card.message is not None
+            body = _error("card_error", card.code, card.message, hard=card.hard, charge=charge)
+            return Reply(402, body, processed=True)
+        db.execute(
+            "INSERT INTO ledger (kind, ref, idempotency_key, amount_cents, card_token, charge_id, created) "
+            "VALUES ('charge', ?, ?, ?, ?, ?, ?)",
+            (charge_id, key, payload.amount_cents, payload.card_token, charge_id, now),
+        )
+        return Reply(200, charge, processed=True, stall=card.stall)
 
     def find_charge(self, *, key: str | None = None, charge_id: str | None = None) -> dict[str, Any] | None:
         column, value = ("idempotency_key", key) if key is not None else ("id", charge_id)
@@ -185,88 +191,90 @@ class Store:
     # refunds
 
     def create_refund(self, key: str, fingerprint: str, charge_id: str, payload: RefundIn) -> Reply:
-        def process(db: sqlite3.Connection, now: float) -> Reply:
-            expired = self._expired_key(db, "refunds", key)
-            if expired is not None:
-                return expired
-            # Refusals below are not stored under the key (like a charge's 400): nothing was processed.
-            charge = db.execute(f"{_SELECT_CHARGE} WHERE id = ?", (charge_id,)).fetchone()
-            if charge is None:
-                return Reply(404, _error("invalid_request_error", "charge_not_found", f"No charge {charge_id!r}."))
-            if charge["status"] != "succeeded":
-                return Reply(
-                    400,
-                    _error(
-                        "invalid_request_error",
-                        "charge_not_refundable",
-                        f"Charge {charge_id!r} did not succeed: there is no money to refund.",
-                    ),
-                )
-            left = charge["amount_cents"] - charge["amount_refunded_cents"]
-            if payload.amount_cents > left:
-                return Reply(
-                    400,
-                    _error(
-                        "invalid_request_error",
-                        "amount_exceeds_refundable",
-                        f"Cannot refund {payload.amount_cents} cents: {left} of the charge's "
-                        f"{charge['amount_cents']} cents are left to refund.",
-                        refundable_cents=left,
-                    ),
-                )
-            refund_id = _new_id("re")
-            db.execute(
-                "INSERT INTO refunds (id, idempotency_key, charge_id, amount_cents, status, created) "
-                "VALUES (?, ?, ?, ?, 'succeeded', ?)",
-                (refund_id, key, charge_id, payload.amount_cents, now),
-            )
-            db.execute(
-                "INSERT INTO ledger (kind, ref, idempotency_key, amount_cents, card_token, charge_id, created) "
-                "VALUES ('refund', ?, ?, ?, ?, ?, ?)",
-                (refund_id, key, -payload.amount_cents, charge["card_token"], charge_id, now),
-            )
-            row = db.execute("SELECT * FROM refunds WHERE id = ?", (refund_id,)).fetchone()
-            return Reply(200, _refund_json(row), processed=True)
+        return self.idempotent(key, fingerprint, lambda db, now: self.process_refund(db, now, key, charge_id, payload))
 
-        return self.idempotent(key, fingerprint, process)
+    def process_refund(self, db: sqlite3.Connection, now: float, key: str, charge_id: str, payload: RefundIn) -> Reply:
+        """Refund (part of) a charge, inside `idempotent`'s transaction."""
+        expired = self._expired_key(db, "refunds", key)
+        if expired is not None:
+            return expired
+        # Refusals below are not stored under the key (like a charge's 400): nothing was processed.
+        charge = db.execute(f"{_SELECT_CHARGE} WHERE id = ?", (charge_id,)).fetchone()
+        if charge is None:
+            return Reply(404, _error("invalid_request_error", "charge_not_found", f"No charge {charge_id!r}."))
+        if charge["status"] != "succeeded":
+            return Reply(
+                400,
+                _error(
+                    "invalid_request_error",
+                    "charge_not_refundable",
+                    f"Charge {charge_id!r} did not succeed: there is no money to refund.",
+                ),
+            )
+        left = charge["amount_cents"] - charge["amount_refunded_cents"]
+        if payload.amount_cents > left:
+            return Reply(
+                400,
+                _error(
+                    "invalid_request_error",
+                    "amount_exceeds_refundable",
+                    f"Cannot refund {payload.amount_cents} cents: {left} of the charge's "
+                    f"{charge['amount_cents']} cents are left to refund.",
+                    refundable_cents=left,
+                ),
+            )
+        refund_id = _new_id("re")
+        db.execute(
+            "INSERT INTO refunds (id, idempotency_key, charge_id, amount_cents, status, created) "
+            "VALUES (?, ?, ?, ?, 'succeeded', ?)",
+            (refund_id, key, charge_id, payload.amount_cents, now),
+        )
+        db.execute(
+            "INSERT INTO ledger (kind, ref, idempotency_key, amount_cents, card_token, charge_id, created) "
+            "VALUES ('refund', ?, ?, ?, ?, ?, ?)",
+            (refund_id, key, -payload.amount_cents, charge["card_token"], charge_id, now),
+        )
+        row = db.execute("SELECT * FROM refunds WHERE id = ?", (refund_id,)).fetchone()
+        return Reply(200, _refund_json(row), processed=True)
 
     # boletos
 
     def create_boleto(self, key: str, fingerprint: str, payload: BoletoIn) -> Reply:
-        def process(db: sqlite3.Connection, now: float) -> Reply:
-            expired = self._expired_key(db, "boletos", key)
-            if expired is not None:
-                return expired
-            sequence = db.execute(
-                "INSERT INTO sequences (name, value) VALUES ('nosso_numero', 1) "
-                "ON CONFLICT (name) DO UPDATE SET value = value + 1 RETURNING value"
-            ).fetchone()["value"]
-            number = nosso_numero(sequence)
-            barcode = make_barcode(BANK_CODE, payload.amount_cents, payload.due_date, free_field_for(number))
-            boleto_id = _new_id("bol")
-            db.execute(
-                "INSERT INTO boletos (id, idempotency_key, invoice_id, amount_cents, description, payer, "
-                "due_date, nosso_numero, barcode, digitable_line, status, created, updated) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'issued', ?, ?)",
-                (
-                    boleto_id,
-                    key,
-                    payload.invoice_id,
-                    payload.amount_cents,
-                    payload.description,
-                    json.dumps(payload.payer.model_dump(mode="json")),
-                    payload.due_date.isoformat(),
-                    number,
-                    barcode,
-                    digitable_line(barcode),
-                    now,
-                    now,
-                ),
-            )
-            row = db.execute("SELECT * FROM boletos WHERE id = ?", (boleto_id,)).fetchone()
-            return Reply(200, _boleto_json(row), processed=True)
+        return self.idempotent(key, fingerprint, lambda db, now: self.process_boleto(db, now, key, payload))
 
-        return self.idempotent(key, fingerprint, process)
+    def process_boleto(self, db: sqlite3.Connection, now: float, key: str, payload: BoletoIn) -> Reply:
+        """Issue a boleto, inside `idempotent`'s transaction; its id starts with `boleto_prefix`."""
+        expired = self._expired_key(db, "boletos", key)
+        if expired is not None:
+            return expired
+        sequence = db.execute(
+            "INSERT INTO sequences (name, value) VALUES ('nosso_numero', 1) "
+            "ON CONFLICT (name) DO UPDATE SET value = value + 1 RETURNING value"
+        ).fetchone()["value"]
+        number = nosso_numero(sequence)
+        barcode = make_barcode(BANK_CODE, payload.amount_cents, payload.due_date, free_field_for(number))
+        boleto_id = _new_id(self.boleto_prefix)
+        db.execute(
+            "INSERT INTO boletos (id, idempotency_key, invoice_id, amount_cents, description, payer, "
+            "due_date, nosso_numero, barcode, digitable_line, status, created, updated) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'issued', ?, ?)",
+            (
+                boleto_id,
+                key,
+                payload.invoice_id,
+                payload.amount_cents,
+                payload.description,
+                json.dumps(payload.payer.model_dump(mode="json")),
+                payload.due_date.isoformat(),
+                number,
+                barcode,
+                digitable_line(barcode),
+                now,
+                now,
+            ),
+        )
+        row = db.execute("SELECT * FROM boletos WHERE id = ?", (boleto_id,)).fetchone()
+        return Reply(200, _boleto_json(row), processed=True)
 
     def get_boleto(self, boleto_id: str) -> dict[str, Any] | None:
         with self.transaction() as db:
@@ -302,7 +310,7 @@ class Store:
                 "VALUES ('boleto_payment', ?, ?, ?, NULL, ?)",
                 (boleto_id, row["idempotency_key"], amount, now),
             )
-            event_id = enqueue_event(db, now, "boleto.paid", row, amount, paid_on, webhook_url, via=via)
+            event_id = self._write_event(db, now, "boleto.paid", row, amount, paid_on, webhook_url, via=via)
             return {"boleto": _boleto_json(self._boleto_row(db, boleto_id)), "event_id": event_id}
 
     def expire_boleto(self, boleto_id: str, webhook_url: str) -> dict[str, Any]:
@@ -310,7 +318,7 @@ class Store:
         with self.transaction() as db:
             row = self._require_issued(db, boleto_id)
             db.execute("UPDATE boletos SET status = 'expired', updated = ? WHERE id = ?", (now, boleto_id))
-            event_id = enqueue_event(db, now, "boleto.expired", row, row["amount_cents"], None, webhook_url)
+            event_id = self._write_event(db, now, "boleto.expired", row, row["amount_cents"], None, webhook_url)
             return {"boleto": _boleto_json(self._boleto_row(db, boleto_id)), "event_id": event_id}
 
     @staticmethod

@@ -3,25 +3,58 @@ signed by a background thread, retried with backoff until acknowledged."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import sqlite3
 import threading
 import time
 from datetime import date
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import httpx
 
+from gateways.pagarme_webhooks import SIGNATURE_HEADER as PAGARME_SIGNATURE_HEADER
+from gateways.pagarme_webhooks import sign as pagarme_sign
 from gateways.sandbox.models import SandboxConfig, _new_id
 from gateways.webhooks import SIGNATURE_HEADER, sign
 
 if TYPE_CHECKING:  # the store writes events with enqueue_event below
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
     from gateways.sandbox.store import Store
+
+SIGNING_KEY_ID = "renova-emulator-1"  # the kid of the pagarme flavor's signing key
 
 log = logging.getLogger("renova.gateway.sandbox")
 
 WEBHOOK_TIMEOUT_SECONDS = 5.0
+
+
+class EventWriter(Protocol):
+    def __call__(
+        self,
+        db: sqlite3.Connection,
+        now: float,
+        type_: str,
+        boleto: sqlite3.Row,
+        amount_cents: int,
+        paid_on: date | None,
+        webhook_url: str,
+        *,
+        via: str | None = None,
+    ) -> str: ...
+
+
+def record_delivery(
+    db: sqlite3.Connection, now: float, event_id: str, type_: str, body: bytes, webhook_url: str
+) -> None:
+    """Queue one webhook for delivery (disabled when no URL is set), in the caller's transaction."""
+    db.execute(
+        "INSERT INTO webhook_deliveries (event_id, type, url, body, status, next_attempt_at, created) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (event_id, type_, webhook_url, body.decode(), "pending" if webhook_url else "disabled", now, now),
+    )
 
 
 def enqueue_event(
@@ -51,19 +84,7 @@ def enqueue_event(
             **({"via": via} if via else {}),
         },
     }
-    db.execute(
-        "INSERT INTO webhook_deliveries (event_id, type, url, body, status, next_attempt_at, created) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (
-            event_id,
-            type_,
-            webhook_url,
-            json.dumps(event, separators=(",", ":")),
-            "pending" if webhook_url else "disabled",
-            now,
-            now,
-        ),
-    )
+    record_delivery(db, now, event_id, type_, json.dumps(event, separators=(",", ":")).encode(), webhook_url)
     return event_id
 
 
@@ -75,7 +96,8 @@ class WebhookDispatcher:
     only the signature's timestamp changes).
     """
 
-    def __init__(self, store: Store, config: SandboxConfig) -> None:
+    def __init__(self, store: Store, config: SandboxConfig, signing_key: rsa.RSAPrivateKey | None = None) -> None:
+        self._signing_key = signing_key
         self._store = store
         self._config = config
         self._wake = threading.Event()
@@ -111,14 +133,26 @@ class WebhookDispatcher:
                 wait = 1.0 if next_at is None else min(max(next_at - time.time(), 0.02), 1.0)
                 self._wake.wait(wait)
 
+    def _authentication(self, body: bytes, event_id: str) -> dict[str, str]:
+        config = self._config
+        if config.flavor == "pagarme":
+            # Pagar.me's RS256 signature (keys at the emulator's /.well-known/jwks.json) and, when the
+            # endpoint has them, its Basic credentials.
+            assert self._signing_key is not None, "the pagarme flavor signs its webhooks"
+            headers = {PAGARME_SIGNATURE_HEADER: pagarme_sign(self._signing_key, SIGNING_KEY_ID, body)}
+            if config.webhook_username:
+                credentials = f"{config.webhook_username}:{config.webhook_password}".encode()
+                headers["Authorization"] = "Basic " + base64.b64encode(credentials).decode()
+            return headers
+        return {
+            # Signed at send time, so a retry hours later still falls inside the receiver's window.
+            SIGNATURE_HEADER: sign(config.webhook_secret, body, int(time.time())),
+            "Renova-Event-Id": event_id,
+        }
+
     def _attempt(self, client: httpx.Client, delivery: sqlite3.Row) -> None:
         body = delivery["body"].encode()
-        headers = {
-            "Content-Type": "application/json",
-            # Signed at send time, so a retry hours later still falls inside the receiver's window.
-            SIGNATURE_HEADER: sign(self._config.webhook_secret, body, int(time.time())),
-            "Renova-Event-Id": delivery["event_id"],
-        }
+        headers = {"Content-Type": "application/json", **self._authentication(body, delivery["event_id"])}
         status_code: int | None = None
         error: str | None = None
         try:
