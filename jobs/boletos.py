@@ -97,8 +97,11 @@ def boleto_notice(invoice: Invoice, boleto: Boleto, *, dunning: bool = False) ->
 # --- payments (gateway webhooks) ---------------------------------------------------------------
 
 
-def record_gateway_event(session: Session, event_id: str, *, now: datetime, config: BillingConfig) -> str:
-    """Apply one stored gateway event, once (a redelivered event is a no-op)."""
+def record_gateway_event(
+    session: Session, event_id: str, *, now: datetime, config: BillingConfig, gateway: Gateway | None = None
+) -> str:
+    """Apply one stored gateway event, once (a redelivered event is a no-op). The sandbox's events are
+    signed and say what happened; a Pagar.me event only says which charge to look at (`gateway`)."""
     event = session.scalar(select(GatewayEvent).where(GatewayEvent.event_id == event_id).with_for_update())
     if event is None:
         raise LookupError(f"gateway event {event_id} was not stored")
@@ -118,10 +121,55 @@ def record_gateway_event(session: Session, event_id: str, *, now: datetime, conf
         )
     elif event.type == "boleto.expired":
         outcome = record_boleto_expired(session, str(data["boleto_id"]), on=today)
+    elif event.type.startswith(PAGARME_EVENT_PREFIX):
+        outcome = record_reported_boleto(
+            session, _pagarme_charge_id(event.type, data), gateway, today=today, now=now, config=config
+        )
     else:
         outcome = "ignored"
     event.processed_at = now
     return outcome
+
+
+PAGARME_EVENT_PREFIX = "pagarme:"
+
+
+def _pagarme_charge_id(event_type: str, data: Mapping[str, Any]) -> str | None:
+    """The charge a Pagar.me event is about: a charge event's `data`, or an order event's only charge."""
+    if event_type.startswith(f"{PAGARME_EVENT_PREFIX}charge."):
+        return str(data.get("id") or "") or None
+    charges = data.get("charges")
+    if isinstance(charges, list) and len(charges) == 1 and isinstance(charges[0], dict):
+        return str(charges[0].get("id") or "") or None
+    return None
+
+
+def record_reported_boleto(
+    session: Session,
+    gateway_id: str | None,
+    gateway: Gateway | None,
+    *,
+    today: date,
+    now: datetime,
+    config: BillingConfig,
+) -> str:
+    """A webhook said something happened to a charge: if it is one of our boletos, ask the gateway what
+    its state is now and record that (paid, or no longer payable). The webhook's body is never trusted;
+    a card charge's outcome is already known from its synchronous answer."""
+    if gateway_id is None or session.scalar(select(Boleto.id).where(Boleto.gateway_id == gateway_id)) is None:
+        return "ignored"
+    lookup = getattr(gateway, "boleto_state", None)
+    if lookup is None:
+        raise RuntimeError("this gateway cannot look a boleto up: its webhooks cannot be verified")
+    state = lookup(gateway_id)  # Unavailable: the message is retried
+    if state.status == "paid":
+        paid_on = local_today(state.paid_at, config.timezone) if state.paid_at else today
+        return record_boleto_payment(
+            session, gateway_id, amount_cents=state.paid_amount_cents, paid_on=paid_on, now=now
+        )
+    if state.status in ("expired", "canceled"):
+        return record_boleto_expired(session, gateway_id, on=today)
+    return "pending"
 
 
 def record_boleto_payment(
@@ -222,7 +270,7 @@ def process_gateway_event(event_id: str) -> None:
     now = clock.now(session, config)
     # A failure is recorded on the event (the tick backs off, then leaves it to an operator) and raised.
     with failures_recorded(session, GATEWAY_EVENT, event_id, now):
-        record_gateway_event(session, event_id, now=now, config=config)
+        record_gateway_event(session, event_id, now=now, config=config, gateway=runtime().gateway_factory())
 
 
 # --- issuance ----------------------------------------------------------------------------------

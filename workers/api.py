@@ -3,7 +3,11 @@ gateway webhooks (signed), and a health check and Prometheus metrics (`workers/m
 
 from __future__ import annotations
 
+import base64
+import functools
+import hmac
 import json
+import logging
 from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -15,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from gateways.webhooks import InvalidSignature, verify
 from jobs.contract import MAX_ID, ChangeRequestIn, NameText, PlainText
@@ -42,6 +47,8 @@ from workers.settings import Settings, get_settings, refuse_unsafe_production
 if TYPE_CHECKING:
     from jobs.plans import PlanError
 
+
+logger = logging.getLogger(__name__)
 
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 webhooks = APIRouter(prefix="/v1/webhooks")
@@ -83,10 +90,6 @@ async def gateway_webhook(
 ) -> dict[str, str]:
     """A signed gateway event (boleto paid or expired): stored once by its id, then processed on the
     `payments` queue. Answering 2xx acknowledges it; a redelivery of the same event is a no-op."""
-    from jobs.boletos import process_gateway_event
-    from jobs.outbox import send_after_commit
-    from models.schema import GatewayEvent
-
     body = await request.body()
     try:
         verify(settings.gateway_webhook_secret.get_secret_value(), renova_signature, body)
@@ -110,6 +113,15 @@ async def gateway_webhook(
                 f"{EVENT_TYPE_LENGTH}), data}}, without NUL characters",
             },
         ) from None
+    return _store_gateway_event(session, event_id, event_type, event)
+
+
+def _store_gateway_event(session: Session, event_id: str, event_type: str, event: dict[str, Any]) -> dict[str, str]:
+    """Store an authenticated gateway event once by its id and hand it to the `payments` queue."""
+    from jobs.boletos import process_gateway_event
+    from jobs.outbox import send_after_commit
+    from models.schema import GatewayEvent
+
     stored = session.scalar(
         insert(GatewayEvent)
         .values(event_id=event_id, type=event_type, payload=event)
@@ -122,6 +134,102 @@ async def gateway_webhook(
     send_after_commit(session, process_gateway_event, event_id)
     session.commit()
     return {"status": "accepted"}
+
+
+@webhooks.post(
+    "/pagarme",
+    status_code=status.HTTP_200_OK,
+    responses={
+        400: {"model": ErrorBody, "description": "invalid_event (not {id, type, data: {id}}); nothing is stored"},
+        401: {
+            "model": ErrorBody,
+            "description": "invalid_signature (X-Webhook-Asymmetric-Signature missing or wrong) or "
+            "invalid_credentials (the endpoint's Basic credentials); nothing is stored",
+        },
+        503: {"model": ErrorBody, "description": "Pagar.me's signing keys could not be fetched: send again later"},
+    },
+)
+async def pagarme_webhook(
+    request: Request,
+    session: SessionDep,
+    settings: Settings = Depends(get_settings),
+    authorization: Annotated[str | None, Header()] = None,
+    x_webhook_asymmetric_signature: Annotated[str | None, Header()] = None,
+) -> dict[str, str]:
+    """A Pagar.me webhook: authenticated (RS256 signature and/or Basic credentials), stored once by its
+    `id`, then processed on the `payments` queue — where the charge is fetched from Pagar.me's API and
+    only what the API says is acted on, never the body."""
+    from gateways.pagarme_webhooks import KeysUnavailable
+
+    body = await request.body()
+    if not settings.pagarme_webhook_jwks_url and not settings.pagarme_webhook_username:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            detail={"code": "not_configured", "message": "Pagar.me webhooks are not configured here"},
+        )
+    if settings.pagarme_webhook_username and not _basic_credentials_match(authorization, settings):
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            detail={"code": "invalid_credentials", "message": "wrong or missing Basic credentials"},
+            headers={"WWW-Authenticate": 'Basic realm="pagarme-webhooks"'},
+        )
+    if settings.pagarme_webhook_jwks_url:
+        try:
+            await run_in_threadpool(
+                _pagarme_keys(settings.pagarme_webhook_jwks_url).verify, x_webhook_asymmetric_signature, body
+            )
+        except InvalidSignature as exc:
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED, detail={"code": "invalid_signature", "message": str(exc)}
+            ) from None
+        except KeysUnavailable as exc:
+            logger.warning("%s", exc)
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                detail={"code": "keys_unavailable", "message": "Pagar.me's signing keys are out of reach"},
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            ) from None
+    try:
+        event = json.loads(body)
+        event_id, event_type = str(event["id"]), str(event["type"])
+        if not isinstance(event["data"], dict) or not str(event["data"]["id"]):
+            raise ValueError("no data.id")
+        if not (0 < len(event_id) <= EVENT_ID_LENGTH and 0 < len(event_type) <= EVENT_TYPE_LENGTH):
+            raise ValueError("id or type too long")
+        if _has_nul(event):
+            raise ValueError("a NUL character")
+    except (ValueError, KeyError, TypeError):
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST,
+            detail={
+                "code": "invalid_event",
+                "message": f"expected Pagar.me's {{id (at most {EVENT_ID_LENGTH} characters), type (at most "
+                f"{EVENT_TYPE_LENGTH}), data: {{id}}}}, without NUL characters",
+            },
+        ) from None
+    return _store_gateway_event(session, event_id, f"pagarme:{event_type}", event)
+
+
+def _basic_credentials_match(authorization: str | None, settings: Settings) -> bool:
+    scheme, _, encoded = (authorization or "").partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return False
+    expected_password = settings.pagarme_webhook_password.get_secret_value()
+    # Both compared whatever the first gives, so timing tells nothing.
+    user_ok = hmac.compare_digest(user.encode(), settings.pagarme_webhook_username.encode())
+    password_ok = hmac.compare_digest(password.encode(), expected_password.encode())
+    return user_ok and password_ok
+
+
+@functools.cache
+def _pagarme_keys(url: str) -> Any:
+    from gateways.pagarme_webhooks import Jwks
+
+    return Jwks(url)
 
 
 # --- the main application's API: organizations, change requests, subscriptions ------------------

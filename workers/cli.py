@@ -970,9 +970,9 @@ def clock_reset(actor: str = typer.Option(os.environ.get("USER", "operator"), he
 # --- simulation (development and test) -----------------------------------------------------------
 
 
-def _start_sandbox_process(data_dir: Path) -> tuple[subprocess.Popen[bytes], str, str]:
-    """`renova gateway` on a free port with fault rates 0, its state in `data_dir`, no webhooks: the
-    simulation records payments itself. Returns the process, its URL and its API key."""
+def _start_sandbox_process(data_dir: Path, flavor: str = "sandbox") -> tuple[subprocess.Popen[bytes], str, str]:
+    """`renova gateway` (in `flavor`) on a free port with fault rates 0, its state in `data_dir`, no
+    webhooks: the simulation records payments itself. Returns the process, its URL and its API key."""
     import secrets
 
     import httpx
@@ -986,7 +986,7 @@ def _start_sandbox_process(data_dir: Path) -> tuple[subprocess.Popen[bytes], str
         sys.executable, "-m", "workers.cli", "gateway",
         "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir),
         "--webhook-url", "", "--api-key", api_key,
-        "--timeout-rate", "0", "--unavailable-rate", "0",
+        "--timeout-rate", "0", "--unavailable-rate", "0", "--flavor", flavor,
     ]  # fmt: skip
     log = (data_dir / "sandbox.log").open("ab")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -1044,7 +1044,7 @@ def simulate(
     wire()
     from sqlalchemy import func, select
 
-    from gateways.http import HttpGateway
+    from gateways.sandbox import clients
     from jobs import simulation
     from jobs.context import runtime
     from models.calendar import local_today
@@ -1060,11 +1060,13 @@ def simulate(
     with contextlib.ExitStack() as cleanup:
         if gateway_url is None:
             data_dir = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="renova-simulate-")))
-            process, url, api_key = _start_sandbox_process(data_dir)
+            process, url, api_key = _start_sandbox_process(data_dir, settings.gateway)
             cleanup.callback(_stop_process, process)
         else:
             url, api_key = gateway_url.rstrip("/"), settings.gateway_api_key.get_secret_value()
-        gateway = cleanup.enter_context(HttpGateway(url, api_key, connect_timeout=2.0, read_timeout=10.0))
+        gateway = cleanup.enter_context(
+            clients.connect(settings.gateway, url, api_key, connect_timeout=2.0, read_timeout=10.0)
+        )
         sandbox = simulation.SandboxHttp(url, api_key)
         cleanup.callback(sandbox.close)
         session = cleanup.enter_context(get_session_factory()())

@@ -21,9 +21,11 @@ from pathlib import Path
 import httpx
 import redis
 
+from gateways.sandbox import clients
 from workers.embedded import EmbeddedStack, free_port
 from workers.mail import ensure_mail_sink, mail_dir, stop_mail_sink
 from workers.queues import NAMESPACE
+from workers.settings import get_settings
 
 PROCESSES_FILE = "processes.json"
 READ_TIMEOUT_SECONDS = 1.5
@@ -76,6 +78,8 @@ class DemoStack:
         self.api_key = f"demo_{secrets.token_hex(8)}"
         self.gateway_api_key = f"sk_demo_{secrets.token_hex(8)}"
         webhook_secret = f"whsec_demo_{secrets.token_hex(8)}"
+        # GATEWAY (the caller's) picks the sandbox's flavor: its own API or Pagar.me's.
+        flavor = self.extra_env.get("GATEWAY") or get_settings().gateway
         self.env = {
             "DATABASE_URL": database_url,
             "REDIS_URL": redis_url,
@@ -83,9 +87,13 @@ class DemoStack:
             "RENOVA_ENV": "development",
             "RENOVA_DATA_DIR": str(self.root),
             "RENOVA_API_KEYS": self.api_key,
-            "GATEWAY_URL": self.gateway_url,
+            "GATEWAY": flavor,
+            "GATEWAY_URL": clients.api_url(flavor, self.gateway_url),
             "GATEWAY_API_KEY": self.gateway_api_key,
             "GATEWAY_WEBHOOK_SECRET": webhook_secret,
+            "PAGARME_WEBHOOK_JWKS_URL": clients.jwks_url(self.gateway_url),
+            "PAGARME_WEBHOOK_USERNAME": f"pagarme_{secrets.token_hex(4)}",
+            "PAGARME_WEBHOOK_PASSWORD": secrets.token_hex(16),
             "GATEWAY_READ_TIMEOUT": str(READ_TIMEOUT_SECONDS),
             "WEB_HOST": "127.0.0.1",
             "WEB_PORT": str(web_port),
@@ -103,8 +111,8 @@ class DemoStack:
         self._spawn(
             "gateway",
             "gateway", "--host", "127.0.0.1", "--port", str(gateway_port),
-            "--data-dir", str(self.root / "gateway"),
-            "--webhook-url", f"{self.web_url}/v1/webhooks/gateway",
+            "--data-dir", str(self.root / "gateway"), "--flavor", flavor,
+            "--webhook-url", f"{self.web_url}{clients.webhook_path(flavor)}",
         )  # fmt: skip
         self._spawn("web", "web")
         self._spawn("worker", "worker")
