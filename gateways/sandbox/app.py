@@ -129,6 +129,7 @@ def create_app(config: SandboxConfig, data_dir: Path, stopping: threading.Event 
         Store(
             Path(data_dir) / STATE_FILE,
             boleto_prefix=pagarme.BOLETO_ID_PREFIX,
+            refund_prefix=pagarme.REFUND_ID_PREFIX,
             write_event=pagarme.webhook_writer(config),
         )
         if pagarme_flavor

@@ -54,6 +54,7 @@ from models.boleto import MAX_AMOUNT_CENTS, due_factor
 
 PREFIX = "/core/v5"
 BOLETO_ID_PREFIX = "ch"  # a Pagar.me boleto is a charge: its id is what Renova keeps and cancels
+REFUND_ID_PREFIX = "tran"  # a refund is the charge's cancelling transaction
 ACCOUNT = {"id": "acc_renovaEmulator01", "name": "Renova (emulador Pagar.me)"}
 
 # What the acquirer answers for each of the sandbox's declines (ABECS return codes, as Pagar.me shows
@@ -235,7 +236,7 @@ def _card_transaction(charge: sqlite3.Row, order: sqlite3.Row) -> dict[str, Any]
 
 def _refund_transaction(refund: sqlite3.Row, charge: sqlite3.Row, left_cents: int) -> dict[str, Any]:
     return {
-        "id": f"tran_{_token(refund['id'])}",
+        "id": refund["id"],
         "transaction_type": "credit_card",
         "gateway_id": _digits(refund["id"], 10),
         "amount": refund["amount_cents"],

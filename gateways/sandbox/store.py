@@ -49,10 +49,17 @@ class Store:
     """All sandbox state. One connection behind a lock: every operation is a short serialized
     transaction, which also serializes concurrent requests with the same idempotency key."""
 
-    def __init__(self, path: Path, *, boleto_prefix: str = "bol", write_event: EventWriter = enqueue_event) -> None:
-        """`boleto_prefix` starts every boleto's id; `write_event` writes a boleto's paid or expired
+    def __init__(
+        self,
+        path: Path,
+        *,
+        boleto_prefix: str = "bol",
+        refund_prefix: str = "re",
+        write_event: EventWriter = enqueue_event,
+    ) -> None:
+        """`boleto_prefix` and `refund_prefix` start those ids; `write_event` writes a boleto's paid or expired
         webhook in the flavor's shape (both set by the API flavor, see gateways.sandbox.pagarme)."""
-        self.boleto_prefix = boleto_prefix
+        self.boleto_prefix, self.refund_prefix = boleto_prefix, refund_prefix
         self._write_event = write_event
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
@@ -223,7 +230,7 @@ class Store:
                     refundable_cents=left,
                 ),
             )
-        refund_id = _new_id("re")
+        refund_id = _new_id(self.refund_prefix)
         db.execute(
             "INSERT INTO refunds (id, idempotency_key, charge_id, amount_cents, status, created) "
             "VALUES (?, ?, ?, ?, 'succeeded', ?)",

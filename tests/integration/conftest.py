@@ -232,10 +232,9 @@ def wait_until(predicate: Callable[[], object], timeout: float = 15.0, interval:
 @pytest.fixture
 def billing_gateway(sandbox_gateway):
     """Point the runtime's gateway (what the jobs call) at the sandbox gateway process."""
-    from gateways.http import HttpGateway
     from jobs.context import runtime
 
-    gateway = HttpGateway(sandbox_gateway.url, sandbox_gateway.api_key, connect_timeout=1.0, read_timeout=1.5)
+    gateway = sandbox_gateway.client(connect_timeout=1.0, read_timeout=1.5)
     previous = runtime().gateway_factory
     runtime().gateway_factory = lambda: gateway
     yield gateway

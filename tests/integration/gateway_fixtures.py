@@ -2,6 +2,8 @@
 receiver. Real processes on real sockets, so timeouts, kills and restarts behave as in production.
 
 Fixtures:
+- `gateway_flavor` (session): which API the sandbox serves, `sandbox` or `pagarme` (Pagar.me v5's),
+  from TEST_GATEWAY (default sandbox); every adapter fixture speaks that flavor.
 - `sandbox_webhook_url` (session): where the sandbox posts webhooks at start; "" (none) unless
   overridden, e.g. by a conftest pointing it at Renova's API.
 - `sandbox_gateway` (session): the running `SandboxGateway`.
@@ -32,6 +34,8 @@ import httpx
 import pytest
 
 from gateways.http import HttpGateway
+from gateways.sandbox import clients
+from gateways.sandbox.models import FLAVORS, Flavor
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 GATEWAY_READ_TIMEOUT = 1.5  # the sandbox's tok_timeout stall (30 s by default) must exceed it
@@ -64,12 +68,18 @@ def poll(predicate: Callable[[], T | None], timeout: float, what: str, interval:
 class SandboxGateway:
     """Runs `renova gateway` in a subprocess and drives its test-only endpoints."""
 
-    def __init__(self, data_dir: Path, *, webhook_url: str = "", port: int | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, *, webhook_url: str = "", port: int | None = None, flavor: Flavor = "sandbox"
+    ) -> None:
+        self.flavor = flavor
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = f"sk_test_{secrets.token_hex(8)}"
         self.webhook_secret = f"whsec_test_{secrets.token_hex(8)}"
+        # The pagarme flavor's Basic credentials for its webhooks (it signs them with its own RSA key).
+        self.webhook_username = f"pagarme_{secrets.token_hex(4)}"
+        self.webhook_password = secrets.token_hex(12)
         self.webhook_url = webhook_url
         self.log_path = self.data_dir / "sandbox.log"
         self._process: subprocess.Popen[bytes] | None = None
@@ -91,6 +101,9 @@ class SandboxGateway:
             "--webhook-url", self.webhook_url,
             "--webhook-secret", self.webhook_secret,
             "--api-key", self.api_key,
+            "--flavor", self.flavor,
+            "--webhook-username", self.webhook_username,
+            "--webhook-password", self.webhook_password,
         ]  # fmt: skip
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -150,8 +163,22 @@ class SandboxGateway:
 
     # clients and helpers
 
-    def client(self, *, read_timeout: float = GATEWAY_READ_TIMEOUT, **kwargs: Any) -> HttpGateway:
-        return HttpGateway(self.url, self.api_key, connect_timeout=2.0, read_timeout=read_timeout, **kwargs)
+    @property
+    def api_url(self) -> str:
+        """The adapter's base URL (GATEWAY_URL)."""
+        return clients.api_url(self.flavor, self.url)
+
+    @property
+    def jwks_url(self) -> str:
+        return clients.jwks_url(self.url)
+
+    def client(
+        self, *, read_timeout: float = GATEWAY_READ_TIMEOUT, connect_timeout: float = 2.0, **kwargs: Any
+    ) -> HttpGateway:
+        """The flavor's adapter: `HttpGateway`, or `PagarmeGateway` for the pagarme flavor."""
+        return clients.connect(
+            self.flavor, self.url, self.api_key, connect_timeout=connect_timeout, read_timeout=read_timeout, **kwargs
+        )
 
     def _post(self, path: str, json: dict[str, Any] | None = None) -> dict[str, Any]:
         response = self._http.post(path, json=json)
@@ -170,14 +197,15 @@ class SandboxGateway:
 
     def charge(self, charge_id: str) -> dict[str, Any]:
         """A charge as the sandbox holds it now, with `amount_refunded_cents`."""
-        return self._get(f"/v1/charges/{charge_id}")
+        return self._get(f"/sandbox/charges/{charge_id}")
 
     def webhooks(self) -> list[dict[str, Any]]:
         """Every webhook delivery with its status, attempts and event."""
         return self._get("/sandbox/webhooks")["data"]
 
     def boleto(self, boleto_id: str) -> dict[str, Any]:
-        return self._get(f"/v1/boletos/{boleto_id}")
+        """A boleto as the sandbox holds it (whatever the flavor): status, amounts, due date, lines."""
+        return self._get(f"/sandbox/boletos/{boleto_id}")
 
     def pay_boleto(
         self, boleto_id: str, *, paid_on: date | None = None, amount_cents: int | None = None, via: str | None = None
@@ -289,13 +317,25 @@ class WebhookReceiver:
 
 
 @pytest.fixture(scope="session")
+def gateway_flavor() -> Flavor:
+    flavor = os.environ.get("TEST_GATEWAY", "sandbox")
+    if flavor not in FLAVORS:
+        raise pytest.UsageError(f"TEST_GATEWAY must be one of {', '.join(FLAVORS)}, not {flavor!r}")
+    return flavor  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="session")
 def sandbox_webhook_url() -> str:
     return ""
 
 
 @pytest.fixture(scope="session")
-def sandbox_gateway(tmp_path_factory: pytest.TempPathFactory, sandbox_webhook_url: str) -> Iterator[SandboxGateway]:
-    sandbox = SandboxGateway(tmp_path_factory.mktemp("sandbox-gateway"), webhook_url=sandbox_webhook_url)
+def sandbox_gateway(
+    tmp_path_factory: pytest.TempPathFactory, sandbox_webhook_url: str, gateway_flavor: Flavor
+) -> Iterator[SandboxGateway]:
+    sandbox = SandboxGateway(
+        tmp_path_factory.mktemp("sandbox-gateway"), webhook_url=sandbox_webhook_url, flavor=gateway_flavor
+    )
     try:
         sandbox.start()
         yield sandbox
