@@ -54,7 +54,8 @@ MethodName = Literal[tuple(member.value for member in PaymentMethod)]  # "card",
 # A card number (PAN) has 12 to 19 digits, possibly grouped by spaces or dashes. Renova stores only
 # gateway tokens: anything shaped like a PAN is refused and never stored or echoed back.
 _PAN_LIKE = re.compile(r"^[\d \-]{12,25}$")
-_TOKEN = re.compile(r"^[A-Za-z0-9_.:\-]{4,255}$")
+# "/" joins a PSP's customer and card ids where a stored card needs both (Pagar.me: cus_…/card_…).
+_TOKEN = re.compile(r"^[A-Za-z0-9_.:/\-]{4,255}$")
 _SENSITIVE_KEYS: Final = frozenset({"number", "card_number", "pan", "cvv", "cvc", "cvv2", "security_code"})
 REDACTED: Final = "[redacted]"
 # Card brands as the gateways name them.
@@ -170,7 +171,7 @@ class CardUpdate(_Request):
         if looks_like_card_number(value):
             raise ValueError("parece um número de cartão; envie somente o token do gateway de pagamento")
         if not _TOKEN.match(value):
-            raise ValueError("token do gateway inválido (4 a 255 letras, dígitos ou _ . : -)")
+            raise ValueError("token do gateway inválido (4 a 255 letras, dígitos ou _ . : / -)")
         return value
 
 

@@ -41,7 +41,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateways.pagarme_webhooks import jwk, new_signing_key
+from gateways.pagarme_webhooks import jwk
 from gateways.sandbox import pagarme
 from gateways.sandbox.models import (
     ApiError,
@@ -135,7 +135,8 @@ def create_app(config: SandboxConfig, data_dir: Path, stopping: threading.Event 
         if pagarme_flavor
         else Store(Path(data_dir) / STATE_FILE)
     )
-    signing_key = new_signing_key() if pagarme_flavor else None
+    # Kept with the state, so a restarted emulator signs with the key its receivers already hold.
+    signing_key = pagarme.signing_key(Path(data_dir)) if pagarme_flavor else None
     dispatcher = WebhookDispatcher(store, config, signing_key)
 
     @contextlib.asynccontextmanager

@@ -27,13 +27,17 @@ import json
 import sqlite3
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, time
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import APIRouter, Body, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 
+from gateways.pagarme_webhooks import new_signing_key
 from gateways.sandbox.models import (
     BANK_CODE,
     MAX_CHARGE_CENTS,
@@ -564,6 +568,22 @@ def webhook_writer(config: SandboxConfig) -> Callable[..., str]:
         return hook_id
 
     return write
+
+
+def signing_key(data_dir: Path) -> rsa.RSAPrivateKey:
+    """The emulator's webhook signing key, made once and kept in its data folder."""
+    path = data_dir / "webhook-signing-key.pem"
+    if path.exists():
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        assert isinstance(key, rsa.RSAPrivateKey)
+        return key
+    key = new_signing_key()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    temporary = path.with_suffix(".tmp")
+    temporary.write_bytes(pem)
+    temporary.replace(path)
+    return key
 
 
 # --- routes -------------------------------------------------------------------------------------------
