@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo chaos lint format bench bench-quick clean
+.PHONY: install test test-pagarme demo chaos lint format bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,15 @@ test: $(STAMP)
 	$(BIN)/lint-imports
 	$(BIN)/python -m tests.start_stack
 	$(BIN)/pytest -n $(TEST_PROCESSES)
+
+# The daily run's time-travel scenarios and money edge cases against the Pagar.me v5 emulator instead of
+# the sandbox (`make test` already runs the gateway contract suite against both).
+PAGARME_SCENARIOS := tests/integration/test_daily_run.py tests/integration/test_simulation.py \
+	tests/integration/test_billing_run.py tests/integration/test_money_edges.py
+
+test-pagarme: $(STAMP)
+	$(BIN)/python -m tests.start_stack
+	TEST_GATEWAY=pagarme $(BIN)/pytest -n $(TEST_PROCESSES) $(PAGARME_SCENARIOS)
 
 # Months of billing on the embedded stack in about two minutes; `make demo ARGS=--keep` leaves it running.
 demo: $(STAMP)

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
+from contextlib import closing
 
 import httpx
 import pytest
 
+from gateways.sandbox import STATE_FILE
 from tests.integration.test_cli import renova
 
 
-def demo(data_dir, *args: str):
-    result = renova("demo", *args, RENOVA_DATA_DIR=str(data_dir))
+def demo(data_dir, *args: str, **env: str):
+    result = renova("demo", *args, RENOVA_DATA_DIR=str(data_dir), **env)
     return result, result.stdout + result.stderr
 
 
@@ -51,6 +54,21 @@ def test_the_demo_runs_to_its_summary_and_stops_everything_it_started(stack_dir)
     assert not (root / "processes.json").exists()
     assert not (root / "postgres" / "postmaster.pid").exists()
     assert not (root / "redis" / "port").exists()
+
+
+def test_the_demo_runs_on_the_pagarme_emulator(stack_dir):
+    result, output = demo(stack_dir, "--orgs", "3", "--days", "4", "--seed", "2", GATEWAY="pagarme")
+
+    assert result.returncode == 0, output
+    assert table_row(output, "applied:subscribe")[1] == "3"
+    assert "ledger check: 3 subscriptions, no money kept or lost" in output
+    assert "sandbox ledger: at most one successful charge per invoice" in output
+    # Renova spoke Pagar.me's API: every charge and boleto at the emulator belongs to an order.
+    state = stack_dir / "demo" / "gateway" / STATE_FILE
+    with closing(sqlite3.connect(state)) as db:
+        orders = db.execute("SELECT COUNT(*) FROM orders").fetchone()[0]
+        charged = db.execute("SELECT (SELECT COUNT(*) FROM charges) + (SELECT COUNT(*) FROM boletos)").fetchone()[0]
+    assert orders == charged >= 3
 
 
 def test_keep_leaves_the_stack_running_until_stop(stack_dir):

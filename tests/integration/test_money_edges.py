@@ -567,7 +567,8 @@ def test_a_card_refund_the_gateway_refuses_becomes_a_payout(session, billing_gat
     (card_refund,) = refunds_of(session, subscription_id)
     assert execute_refund(session, billing_gateway, card_refund.id, now=noon(ends_on)) == "failed"
     refused, payout = refunds_of(session, subscription_id)
-    assert (refused.status, refused.gateway_code) == ("failed", "charge_not_found")
+    # The gateway's own word for "no such charge": the sandbox's, or Pagar.me's 404 (TEST_GATEWAY=pagarme).
+    assert refused.status == "failed" and refused.gateway_code in ("charge_not_found", "not_found")
     assert (payout.method, payout.status, payout.amount_cents) == ("payout", "pending", refused.amount_cents)
     assert session.scalar(select(Notification.id).where(Notification.dedupe_key == f"refund_created:{payout.id}"))
 
