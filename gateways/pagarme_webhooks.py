@@ -30,6 +30,18 @@ class KeysUnavailable(Exception):
     """The JWKS could not be fetched: the webhook can be neither accepted nor refused now (answer 503)."""
 
 
+def basic_credentials(authorization: str | None) -> tuple[str, str] | None:
+    """(user name, password) of a Basic `Authorization` header, or None when it is not one."""
+    scheme, _, encoded = (authorization or "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return user, password
+
+
 def _b64url_decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 

@@ -3,7 +3,6 @@ gateway webhooks (signed), and a health check and Prometheus metrics (`workers/m
 
 from __future__ import annotations
 
-import base64
 import functools
 import hmac
 import json
@@ -211,18 +210,14 @@ async def pagarme_webhook(
 
 
 def _basic_credentials_match(authorization: str | None, settings: Settings) -> bool:
-    scheme, _, encoded = (authorization or "").partition(" ")
-    if scheme.lower() != "basic":
-        return False
-    try:
-        user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
-    except (ValueError, UnicodeDecodeError):
-        return False
+    from gateways.pagarme_webhooks import basic_credentials
+
+    user, password = basic_credentials(authorization) or ("", "")
     expected_password = settings.pagarme_webhook_password.get_secret_value()
     # Both compared whatever the first gives, so timing tells nothing.
     user_ok = hmac.compare_digest(user.encode(), settings.pagarme_webhook_username.encode())
     password_ok = hmac.compare_digest(password.encode(), expected_password.encode())
-    return user_ok and password_ok
+    return user_ok and password_ok and bool(user)
 
 
 @functools.cache

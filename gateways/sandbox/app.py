@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
-import json
 import random
 import threading
 import time
@@ -37,7 +35,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -56,14 +53,10 @@ from gateways.sandbox.models import (
     SandboxConfig,
     _error,
     _not_processed,
+    fingerprint,
 )
 from gateways.sandbox.store import STATE_FILE, Store
 from gateways.sandbox.webhooks import SIGNING_KEY_ID, WebhookDispatcher
-
-
-def _fingerprint(method: str, path: str, payload: BaseModel) -> str:
-    canonical = json.dumps(payload.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(f"{method} {path}\n{canonical}".encode()).hexdigest()
 
 
 def _header_number(
@@ -249,8 +242,8 @@ def create_app(config: SandboxConfig, data_dir: Path, stopping: threading.Event 
     ) -> JSONResponse:
         checked_key = idempotency_key(key)
         found = await front_door(request)
-        fingerprint = _fingerprint("POST", "/v1/charges", payload)
-        reply = await run_in_threadpool(store.create_charge, checked_key, fingerprint, payload)
+        request_fingerprint = fingerprint("POST", "/v1/charges", payload)
+        reply = await run_in_threadpool(store.create_charge, checked_key, request_fingerprint, payload)
         return await respond(reply, found)
 
     @v1.get("/charges")
@@ -281,8 +274,8 @@ def create_app(config: SandboxConfig, data_dir: Path, stopping: threading.Event 
         checked_key = idempotency_key(key)
         found = await front_door(request)
         # The path is part of the fingerprint: one key cannot refund two different charges.
-        fingerprint = _fingerprint("POST", f"/v1/charges/{charge_id}/refunds", payload)
-        reply = await run_in_threadpool(store.create_refund, checked_key, fingerprint, charge_id, payload)
+        request_fingerprint = fingerprint("POST", f"/v1/charges/{charge_id}/refunds", payload)
+        reply = await run_in_threadpool(store.create_refund, checked_key, request_fingerprint, charge_id, payload)
         return await respond(reply, found)
 
     @v1.post("/boletos")
@@ -293,8 +286,8 @@ def create_app(config: SandboxConfig, data_dir: Path, stopping: threading.Event 
     ) -> JSONResponse:
         checked_key = idempotency_key(key)
         found = await front_door(request)
-        fingerprint = _fingerprint("POST", "/v1/boletos", payload)
-        reply = await run_in_threadpool(store.create_boleto, checked_key, fingerprint, payload)
+        request_fingerprint = fingerprint("POST", "/v1/boletos", payload)
+        reply = await run_in_threadpool(store.create_boleto, checked_key, request_fingerprint, payload)
         return await respond(reply, found)
 
     @v1.get("/boletos/{boleto_id}")

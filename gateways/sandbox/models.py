@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import secrets
 from dataclasses import asdict, dataclass
 from datetime import date
@@ -180,6 +182,12 @@ class Reply:
     processed: bool = False  # newly processed: stored for replay, and a timeout fault may follow
     stall: bool = False
     replayed: bool = False
+
+
+def fingerprint(method: str, path: str, payload: BaseModel) -> str:
+    """What makes two requests under one idempotency key "the same request", whatever the flavor."""
+    canonical = json.dumps(payload.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{method} {path}\n{canonical}".encode()).hexdigest()
 
 
 def _new_id(prefix: str) -> str:

@@ -20,7 +20,6 @@ the Basic credentials configured for the endpoint, as Pagar.me does.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
@@ -37,7 +36,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 
-from gateways.pagarme_webhooks import new_signing_key
+from gateways.pagarme_webhooks import basic_credentials, new_signing_key
 from gateways.sandbox.models import (
     BANK_CODE,
     MAX_CHARGE_CENTS,
@@ -50,6 +49,7 @@ from gateways.sandbox.models import (
     Reply,
     SandboxConfig,
     _new_id,
+    fingerprint,
 )
 from gateways.sandbox.schema import _SELECT_CHARGE
 from gateways.sandbox.store import Store
@@ -591,14 +591,8 @@ def signing_key(data_dir: Path) -> rsa.RSAPrivateKey:
 
 def basic_secret_key(authorization: str | None) -> str | None:
     """The secret key of a Basic `Authorization` header (user name; the password is empty), or None."""
-    scheme, _, encoded = (authorization or "").partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        user, _, _password = base64.b64decode(encoded, validate=True).decode().partition(":")
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return user
+    credentials = basic_credentials(authorization)
+    return credentials[0] if credentials else None
 
 
 def router(
@@ -633,8 +627,8 @@ def router(
         except ValidationError as exc:
             raise invalid(validation_errors(exc, "order")) from None
         found = await front_door(request)
-        fingerprint = _fingerprint("POST /orders", order)
-        reply = await run_in_threadpool(create_order, store, config, idempotency_key, fingerprint, order)
+        request_fingerprint = fingerprint("POST", f"{PREFIX}/orders", order)
+        reply = await run_in_threadpool(create_order, store, config, idempotency_key, request_fingerprint, order)
         return await respond(reply, found)
 
     @api.get("/orders")
@@ -699,15 +693,10 @@ def router(
         except ValidationError as exc:
             raise invalid(validation_errors(exc, "request")) from None
         found = await front_door(request)
-        fingerprint = _fingerprint(f"DELETE /charges/{charge_id}", body)
+        request_fingerprint = fingerprint("DELETE", f"{PREFIX}/charges/{charge_id}", body)
         reply = await run_in_threadpool(
-            cancel_charge, store, config, idempotency_key, fingerprint, charge_id, body.amount
+            cancel_charge, store, config, idempotency_key, request_fingerprint, charge_id, body.amount
         )
         return await respond(reply, found)
 
     return api
-
-
-def _fingerprint(operation: str, payload: BaseModel) -> str:
-    canonical = json.dumps(payload.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(f"{operation}\n{canonical}".encode()).hexdigest()

@@ -3,6 +3,7 @@ TEST_DATABASE_URL / TEST_REDIS_URL. The broker is built here, before any test im
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import time
@@ -260,3 +261,32 @@ def api_client(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
         client.headers["Authorization"] = f"Bearer {API_KEY}"
         yield client
     get_settings.cache_clear()
+
+
+@contextlib.contextmanager
+def serve_api(settings: object) -> Iterator[str]:
+    """Renova's API with these settings on uvicorn on a free port (a real socket, for a gateway's
+    webhooks); yields its base URL."""
+    import threading
+
+    import uvicorn
+
+    from tests.integration.gateway_fixtures import free_port
+    from workers.api import create_app
+    from workers.settings import get_settings
+
+    app = create_app()
+    app.dependency_overrides[get_settings] = lambda: settings
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "API server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

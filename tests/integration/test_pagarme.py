@@ -9,15 +9,12 @@ emulator in test_gateway.py, parametrized over both adapters.
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Callable, Iterator
 from datetime import date
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from pydantic import SecretStr
 from sqlalchemy import select
 
@@ -38,9 +35,9 @@ from jobs.boletos import record_gateway_event
 from jobs.context import runtime
 from models.boleto import barcode_from_digitable_line, parse_digitable_line
 from models.schema import Boleto, GatewayEvent, Invoice, Subscription
-from tests.integration.conftest import wait_until
+from tests.integration.conftest import serve_api, wait_until
 from tests.integration.factories import make_organization, make_subscription, noon, seed_plans
-from tests.integration.gateway_fixtures import SandboxGateway, free_port
+from tests.integration.gateway_fixtures import SandboxGateway
 from workers.settings import Settings, gateway_problems, get_settings
 
 # --- the adapter on Pagar.me's documented answers ----------------------------------------------------------
@@ -310,21 +307,8 @@ def pagarme_settings(emulator: SandboxGateway) -> Settings:
 
 @pytest.fixture(scope="module")
 def api_url(pagarme_settings: Settings) -> Iterator[str]:
-    from workers.api import create_app
-
-    app = create_app()
-    app.dependency_overrides[get_settings] = lambda: pagarme_settings
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "API server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_api(pagarme_settings) as url:
+        yield url
 
 
 @pytest.fixture
@@ -466,3 +450,15 @@ def test_an_expired_boleto_is_replaced(
     session.expire_all()
     # The segunda via was issued at the emulator, through the adapter.
     wait_until(lambda: session.scalar(select(Boleto.id).where(Boleto.status == "issued")) is not None)
+
+
+def test_a_card_update_takes_a_pagarme_customer_and_card() -> None:
+    from pydantic import ValidationError
+
+    from jobs.contract import CardUpdate
+
+    card = {"kind": "card", "organization_id": 1, "requested_by": 1, "brand": "visa", "last4": "4242"}
+    card |= {"exp_month": 12, "exp_year": 2031}
+    assert CardUpdate(**card, token="cus_Xy7Qm2Lp9Rt4Vw1B/card_Ab12Cd34Ef56Gh78").token.startswith("cus_")
+    with pytest.raises(ValidationError):
+        CardUpdate(**card, token="cus_Xy7Qm2Lp9Rt4Vw1B card_Ab12Cd34Ef56Gh78")

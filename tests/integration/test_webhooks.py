@@ -4,14 +4,12 @@ to Renova's API (uvicorn on a real port); a real worker applies it once."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from datetime import date
 
 import httpx
 import pytest
-import uvicorn
 from pydantic import SecretStr
 from sqlalchemy import func, select
 
@@ -19,9 +17,8 @@ from gateways.webhooks import sign
 from jobs.billing_day import run_day
 from jobs.context import runtime
 from models.schema import Boleto, GatewayEvent, Invoice, Subscription
-from tests.integration.conftest import wait_until
+from tests.integration.conftest import serve_api, wait_until
 from tests.integration.factories import make_organization, make_subscription, noon, seed_plans
-from tests.integration.gateway_fixtures import free_port
 from workers.settings import get_settings
 
 SECRET = "whsec_test_webhooks"
@@ -29,22 +26,9 @@ SECRET = "whsec_test_webhooks"
 
 @pytest.fixture(scope="module")
 def api_url(sandbox_gateway) -> Iterator[str]:
-    from workers.api import create_app
-
-    app = create_app()
     settings = get_settings().model_copy(update={"gateway_webhook_secret": SecretStr(sandbox_gateway.webhook_secret)})
-    app.dependency_overrides[get_settings] = lambda: settings
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "API server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_api(settings) as url:
+        yield url
 
 
 def issued_boleto(session, gateway) -> tuple[Subscription, Boleto]:
