@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, time
+from time import monotonic, sleep
 from typing import Literal
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from models.boleto import digitable_line, free_field_for, make_barcode, nosso_numero
 from models.calendar import add_cycle
-from models.schema import Boleto, Card, Charge, Invoice, LedgerEntry, Member, Organization, Plan, Subscription
+from models.schema import Boleto, Card, Charge, Event, Invoice, LedgerEntry, Member, Organization, Plan, Subscription
 from models.states import BoletoStatus, ChargeStatus, InvoiceKind, InvoiceStatus, PaymentMethod
 
 MONTHLY_PRICE = 4_990
@@ -215,3 +216,19 @@ def _paid_through_gateway(session: Session, organization: Organization, invoice:
 def noon(on: date) -> datetime:
     """An instant on business date `on` after the default run hour (09:00 in São Paulo)."""
     return datetime.combine(on, time(12), UTC)
+
+
+def wait_for_events_visible(session: Session, timeout: float = 30.0) -> None:
+    """Wait until every committed event can be read in order.
+
+    An event is readable once every transaction that started before its own has ended — in the whole
+    PostgreSQL cluster, so another test process's open transaction can hold it back for a moment."""
+    from jobs.events import VISIBLE
+
+    everything, visible = select(func.count(Event.id)), select(func.count(Event.id)).where(VISIBLE)
+    deadline = monotonic() + timeout
+    while session.scalar(visible) != session.scalar(everything):
+        session.rollback()
+        assert monotonic() < deadline, "events still not visible: a transaction has been open for too long"
+        sleep(0.05)
+    session.rollback()

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from jobs.billing_day import run_day
 from jobs.context import runtime
 from models.schema import ChangeRequest, Invoice, Subscription
-from tests.integration.factories import make_organization, make_subscription, noon, seed_plans
+from tests.integration.factories import make_organization, make_subscription, noon, seed_plans, wait_for_events_visible
 from tests.integration.test_changes import payload, setup_organization, submit
 
 
@@ -95,6 +95,7 @@ def test_events_are_read_after_a_cursor_and_a_bad_cursor_is_refused(api_client, 
     submit(session, billing_gateway, payload("subscribe", product="conecta", cycle="monthly",
                                              payment_method="card"), date(2027, 3, 10))  # fmt: skip
 
+    wait_for_events_visible(session)
     everything = api_client.get("/v1/events").json()
     assert [event["type"] for event in everything["data"]][:2] == ["subscription.created", "invoice.created"]
     second = everything["data"][1]["id"]

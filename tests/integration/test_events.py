@@ -10,6 +10,7 @@ from sqlalchemy import func, select, text
 
 from jobs.events import EventError, event_body, list_events
 from models.schema import Event, Subscription
+from tests.integration.factories import wait_for_events_visible
 from tests.integration.test_changes import payload, setup_organization, submit
 from workers.db import get_session_factory
 
@@ -40,6 +41,7 @@ def test_a_subscribe_writes_its_events_with_the_change(session, billing_gateway)
         "subscription.activated",
         "change_request.applied",
     ]
+    wait_for_events_visible(session)
     bodies = [event_body(event) for event in list_events(session).events]
     assert all(body["id"].startswith("evt_") and body["timestamp"].endswith("Z") for body in bodies)
     created = bodies[0]["data"]["object"]
@@ -77,6 +79,7 @@ def test_the_cursor_never_passes_a_transaction_still_running(session, billing_ga
 
     first = make_subscription(session, organization, cycle="monthly", method="card", anchor=D)
     session.commit()
+    wait_for_events_visible(session)
     start = list_events(session).events[-1].id
 
     slow, quick = get_session_factory()(), get_session_factory()()
@@ -92,6 +95,7 @@ def test_the_cursor_never_passes_a_transaction_still_running(session, billing_ga
         assert page.events == []  # the quick event waits behind the running transaction
 
         slow.commit()
+        wait_for_events_visible(session)
         page = list_events(session, after=f"evt_{start}")
         assert [event.type for event in page.events] == ["subscription.cancel_scheduled", "subscription.past_due"]
     finally:
@@ -203,6 +207,7 @@ def subscribe(session, gateway, organization_id: int = 1) -> Subscription:
     body["requested_by"] = organization_id * 100 + 1
     request = submit(session, gateway, body, D)
     assert request.status == "applied", request.error_message
+    wait_for_events_visible(session)
     return session.get_one(Subscription, request.subscription_id)
 
 
