@@ -131,6 +131,22 @@ class BoletoState:
     paid_at: datetime | None
 
 
+CardGatewayStatus = Literal["paid", "refunded", "chargedback", "other"]
+
+
+@dataclass(frozen=True, slots=True)
+class CardChargeState:
+    """A card charge as the gateway holds it now: whether money Renova took has gone back since.
+
+    `reversed_cents` is what left the merchant: the refunds (`canceled_amount`), or the whole charge
+    once it was charged back."""
+
+    gateway_id: str
+    status: CardGatewayStatus
+    amount_cents: int
+    reversed_cents: int
+
+
 class PagarmeGateway(HttpGateway):
     """A `Gateway` over Pagar.me v5; the base URL is `https://api.pagar.me/core/v5` (or the emulator's)."""
 
@@ -243,8 +259,14 @@ class PagarmeGateway(HttpGateway):
 
     def boleto_state(self, boleto_ref: str) -> BoletoState:
         """The boleto's charge as Pagar.me holds it now (`GET /charges/{id}`): how a webhook is verified."""
-        response = self._send("GET", f"/charges/{quote(boleto_ref, safe='')}", read_only=True)
-        return _parse(_boleto_state, response, read_only=True)
+        return _parse(_boleto_state, self._charge_now(boleto_ref), read_only=True)
+
+    def card_charge_state(self, charge_ref: str) -> CardChargeState:
+        """A card charge as Pagar.me holds it now: refunded or charged back since Renova took it?"""
+        return _parse(_card_charge_state, self._charge_now(charge_ref), read_only=True)
+
+    def _charge_now(self, charge_ref: str) -> httpx.Response:
+        return self._send("GET", f"/charges/{quote(charge_ref, safe='')}", read_only=True)
 
     # --- refunds -----------------------------------------------------------------------------------
 
@@ -390,6 +412,23 @@ def _boleto_state(charge: dict[str, Any]) -> BoletoState:
         amount_cents=int(charge["amount"]),
         paid_amount_cents=int(charge["paid_amount"]) if status == "paid" else None,
         paid_at=paid_at,
+    )
+
+
+def _card_charge_state(charge: dict[str, Any]) -> CardChargeState:
+    if charge["payment_method"] != "credit_card":
+        raise ValueError(f"charge {charge['id']} is not a card charge")
+    amount, canceled = int(charge["amount"]), int(charge.get("canceled_amount") or 0)
+    status: CardGatewayStatus = {"paid": "paid", "canceled": "refunded", "chargedback": "chargedback"}.get(
+        charge["status"], "other"
+    )
+    if status == "paid" and canceled:
+        status = "refunded"  # a part of it
+    return CardChargeState(
+        gateway_id=str(charge["id"]),
+        status=status,
+        amount_cents=amount,
+        reversed_cents=amount if status == "chargedback" else canceled,
     )
 
 

@@ -40,7 +40,7 @@ from jobs.outbox import send_after_commit
 from jobs.retries import STANDARD
 from jobs.work_attempts import GATEWAY_EVENT, failures_recorded
 from models.calendar import local_today
-from models.schema import Boleto, GatewayEvent, Invoice, Subscription
+from models.schema import Boleto, Charge, GatewayEvent, Invoice, Subscription
 from models.states import BoletoPurpose, BoletoStatus, InvoiceKind, InvoiceStatus, PaymentMethod, SubscriptionStatus
 
 jobs.require_broker()
@@ -122,7 +122,7 @@ def record_gateway_event(
     elif event.type == "boleto.expired":
         outcome = record_boleto_expired(session, str(data["boleto_id"]), on=today)
     elif event.type.startswith(PAGARME_EVENT_PREFIX):
-        outcome = record_reported_boleto(
+        outcome = record_reported_charge(
             session, _pagarme_charge_id(event.type, data), gateway, today=today, now=now, config=config
         )
     else:
@@ -144,6 +144,29 @@ def _pagarme_charge_id(event_type: str, data: Mapping[str, Any]) -> str | None:
     return None
 
 
+def record_reported_charge(
+    session: Session,
+    gateway_id: str | None,
+    gateway: Gateway | None,
+    *,
+    today: date,
+    now: datetime,
+    config: BillingConfig,
+) -> str:
+    """A webhook said something happened to a charge at the gateway: one of our boletos (paid, or no
+    longer payable), one of our card charges (taken back?), or none of ours (ignored)."""
+    from jobs.reversals import record_reported_card_charge
+
+    if gateway_id is None:
+        return "ignored"
+    if session.scalar(select(Boleto.id).where(Boleto.gateway_id == gateway_id)) is not None:
+        return record_reported_boleto(session, gateway_id, gateway, today=today, now=now, config=config)
+    charge = session.scalar(select(Charge).where(Charge.gateway_id == gateway_id))
+    if charge is not None:
+        return record_reported_card_charge(session, charge, gateway, now=now)
+    return "ignored"
+
+
 def record_reported_boleto(
     session: Session,
     gateway_id: str | None,
@@ -153,11 +176,8 @@ def record_reported_boleto(
     now: datetime,
     config: BillingConfig,
 ) -> str:
-    """A webhook said something happened to a charge: if it is one of our boletos, ask the gateway what
-    its state is now and record that (paid, or no longer payable). The webhook's body is never trusted;
-    a card charge's outcome is already known from its synchronous answer."""
-    if gateway_id is None or session.scalar(select(Boleto.id).where(Boleto.gateway_id == gateway_id)) is None:
-        return "ignored"
+    """A webhook said something happened to one of our boletos: ask the gateway what its state is now
+    and record that (paid, or no longer payable). The webhook's body is never trusted."""
     lookup = getattr(gateway, "boleto_state", None)
     if lookup is None:
         raise RuntimeError("this gateway cannot look a boleto up: its webhooks cannot be verified")

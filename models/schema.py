@@ -241,6 +241,8 @@ class Charge(Timestamped, Base):
             "next_retry_on",
             postgresql_where=text("next_retry_on IS NOT NULL"),
         ),
+        # A PSP's webhook names the charge by the PSP's id (a chargeback, a refund made elsewhere).
+        Index("ix_charges_gateway_id", "gateway_id", postgresql_where=text("gateway_id IS NOT NULL")),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

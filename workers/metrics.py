@@ -156,6 +156,11 @@ METRICS: tuple[Metric, ...] = (
         "Rows that failed too often and are no longer retried until an operator acts (renova attention).",
         ("kind",),
     ),
+    Metric(
+        "renova_charge_reversals_reported",
+        "Card payments the PSP reported taken back (chargeback, or a refund made outside Renova), ever; only grows.",
+        ("kind",),
+    ),
 )
 METRIC_NAMES: tuple[str, ...] = tuple(metric.name for metric in METRICS)
 _BY_NAME = {metric.name: metric for metric in METRICS}
@@ -342,6 +347,7 @@ def read_database(session: Session, readings: Readings, settings: Settings, real
     _change_requests(session, readings, clocks)
     _refunds(session, readings)
     _needs_attention(session, readings)
+    _reversals(session, readings)
 
 
 def _billing_runs(session: Session, readings: Readings, settings: Settings, clocks: Clocks) -> None:
@@ -463,6 +469,13 @@ def _needs_attention(session: Session, readings: Readings) -> None:
     # Counted through the partial indexes on needs_attention_at.
     for kind, count in count_needing_attention(session).items():
         readings.set("renova_needs_attention", count, kind)
+
+
+def _reversals(session: Session, readings: Readings) -> None:
+    from jobs.reversals import count_reported
+
+    for kind, count in count_reported(session).items():
+        readings.set("renova_charge_reversals_reported", count, kind)
 
 
 # --- the scrape --------------------------------------------------------------------------------------

@@ -368,6 +368,15 @@ def create_app(config: SandboxConfig, data_dir: Path, stopping: threading.Event 
             raise ApiError(404, "invalid_request_error", "resource_missing", f"No charge {charge_id!r}.")
         return JSONResponse(charge)
 
+    @sandbox.post("/charges/{charge_id}/chargeback")
+    async def chargeback(charge_id: str) -> JSONResponse:
+        """The cardholder's bank takes a paid card charge back (the pagarme flavor: `charge.chargedback`)."""
+        if not pagarme_flavor:
+            raise ApiError(404, "invalid_request_error", "resource_missing", "Chargebacks: the pagarme flavor only.")
+        result = await run_in_threadpool(pagarme.charge_back, store, config, charge_id)
+        dispatcher.notify()
+        return JSONResponse(result)
+
     @sandbox.get("/boletos/{boleto_id}")
     async def sandbox_boleto(boleto_id: str) -> JSONResponse:
         """A boleto as the store holds it, whatever the flavor."""

@@ -14,8 +14,9 @@ ledger, idempotency (24 h) and the `/sandbox` control routes (pay or expire a bo
 Where the sandbox answers 402 to a decline, Pagar.me answers 200 with a `failed` order whose
 transaction carries the acquirer's return code; where the sandbox answers 503 "not processed", this
 flavor answers 429 (Pagar.me's rate limit: nothing was processed). A paid or expired boleto posts a
-Pagar.me webhook (`charge.paid`, `charge.underpaid`, `charge.overpaid`, `charge.payment_failed`) with
-the Basic credentials configured for the endpoint, as Pagar.me does.
+Pagar.me webhook (`charge.paid`, `charge.underpaid`, `charge.overpaid`, `charge.payment_failed`), a
+refund `charge.refunded` or `charge.partial_canceled`, and a chargeback (`/sandbox/charges/{id}/chargeback`)
+`charge.chargedback`, with the Basic credentials configured for the endpoint, as Pagar.me does.
 """
 
 from __future__ import annotations
@@ -305,7 +306,16 @@ def charge_json(db: sqlite3.Connection, order: sqlite3.Row, config: SandboxConfi
     if card is not None:
         refunded = card["amount_refunded_cents"]
         left = card["amount_cents"] - refunded
-        status = "failed" if card["status"] == "failed" else "canceled" if left == 0 else "paid"
+        charged_back = db.execute("SELECT 1 FROM chargebacks WHERE charge_id = ?", (card["id"],)).fetchone()
+        status = (
+            "failed"
+            if card["status"] == "failed"
+            else "chargedback"
+            if charged_back
+            else "canceled"
+            if left == 0
+            else "paid"
+        )
         last_refund = db.execute(
             "SELECT * FROM refunds WHERE charge_id = ? ORDER BY created DESC, rowid DESC LIMIT 1", (card["id"],)
         ).fetchone()
@@ -348,7 +358,14 @@ def charge_json(db: sqlite3.Connection, order: sqlite3.Row, config: SandboxConfi
     }
 
 
-ORDER_STATUS = {"paid": "paid", "underpaid": "paid", "overpaid": "paid", "failed": "failed", "canceled": "canceled"}
+ORDER_STATUS = {
+    "paid": "paid",
+    "underpaid": "paid",
+    "overpaid": "paid",
+    "chargedback": "paid",
+    "failed": "failed",
+    "canceled": "canceled",
+}
 
 
 def order_json(db: sqlite3.Connection, order: sqlite3.Row, config: SandboxConfig) -> dict[str, Any]:
@@ -528,7 +545,10 @@ def cancel_charge(
         answer = store.process_refund(db, now, key, charge_id, RefundIn(amount_cents=amount or max(left, 1)))
         if not answer.processed:
             return _refusal(answer)
-        return Reply(200, charge_with_order(db, order, config), processed=True)
+        charge = charge_with_order(db, order, config)
+        event = "charge.refunded" if charge["status"] == "canceled" else "charge.partial_canceled"
+        write_charge_event(db, now, event, charge, config.webhook_url)
+        return Reply(200, charge, processed=True)
 
     def _cancel_boleto(db: sqlite3.Connection, now: float, order: sqlite3.Row) -> Reply:
         boleto = db.execute("SELECT * FROM boletos WHERE id = ?", (charge_id,)).fetchone()
@@ -562,12 +582,36 @@ def webhook_writer(config: SandboxConfig) -> Callable[..., str]:
         assert order is not None, "every emulator boleto has its order"
         charge = charge_with_order(db, order, config)
         event_type = "charge.payment_failed" if type_ == "boleto.expired" else f"charge.{charge['status']}"
-        hook_id = f"hook_{_new_id('x')[2:18]}"
-        body = {"id": hook_id, "account": ACCOUNT, "type": event_type, "created_at": iso(now), "data": charge}
-        record_delivery(db, now, hook_id, event_type, json.dumps(body, separators=(",", ":")).encode(), webhook_url)
-        return hook_id
+        return write_charge_event(db, now, event_type, charge, webhook_url)
 
     return write
+
+
+def write_charge_event(db: sqlite3.Connection, now: float, event_type: str, charge: dict[str, Any], url: str) -> str:
+    """Queue Pagar.me's webhook about a charge (`data` is the charge as it is now), in the caller's transaction."""
+    hook_id = f"hook_{_new_id('x')[2:18]}"
+    body = {"id": hook_id, "account": ACCOUNT, "type": event_type, "created_at": iso(now), "data": charge}
+    record_delivery(db, now, hook_id, event_type, json.dumps(body, separators=(",", ":")).encode(), url)
+    return hook_id
+
+
+def charge_back(store: Store, config: SandboxConfig, charge_id: str) -> dict[str, Any]:
+    """What a cardholder's bank does weeks later: the paid card charge is charged back (`chargedback`),
+    with its `charge.chargedback` webhook. Not Pagar.me's API: the emulator's control (`/sandbox`)."""
+    now = datetime.now(UTC).timestamp()
+    with store.transaction() as db:
+        card = db.execute(f"{_SELECT_CHARGE} WHERE id = ?", (charge_id,)).fetchone()
+        order = _order_for_charge(db, charge_id)
+        if card is None or order is None:
+            raise ApiError(404, "invalid_request_error", "resource_missing", f"No card charge {charge_id!r}.")
+        if card["status"] != "succeeded" or card["amount_refunded_cents"] >= card["amount_cents"]:
+            raise ApiError(409, "invalid_request_error", "not_chargeable_back", "Only a paid charge is charged back.")
+        if db.execute("SELECT 1 FROM chargebacks WHERE charge_id = ?", (charge_id,)).fetchone():
+            raise ApiError(409, "invalid_request_error", "already_charged_back", "The charge was charged back.")
+        db.execute("INSERT INTO chargebacks (charge_id, created) VALUES (?, ?)", (charge_id, now))
+        charge = charge_with_order(db, order, config)
+        event_id = write_charge_event(db, now, "charge.chargedback", charge, config.webhook_url)
+        return {"charge": charge, "event_id": event_id}
 
 
 def signing_key(data_dir: Path) -> rsa.RSAPrivateKey:

@@ -70,6 +70,10 @@ CREATE TABLE IF NOT EXISTS boletos (
     created REAL NOT NULL,
     updated REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS chargebacks (
+    charge_id TEXT PRIMARY KEY REFERENCES charges (id),
+    created REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS refunds (
     id TEXT PRIMARY KEY,
     idempotency_key TEXT NOT NULL UNIQUE,

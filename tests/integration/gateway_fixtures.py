@@ -222,6 +222,10 @@ class SandboxGateway:
     def expire_boleto(self, boleto_id: str) -> dict[str, Any]:
         return self._post(f"/sandbox/boletos/{boleto_id}/expire")
 
+    def chargeback(self, charge_id: str) -> dict[str, Any]:
+        """The cardholder's bank takes a paid card charge back (pagarme flavor); a webhook follows."""
+        return self._post(f"/sandbox/charges/{charge_id}/chargeback")
+
     def set_config(self, **changes: Any) -> dict[str, Any]:
         """Change process-wide latency_ms, timeout_rate, unavailable_rate, stall_ms, webhook_url,
         webhook_max_attempts or webhook_retry_base_s; kept across restart()."""

@@ -461,3 +461,17 @@ def test_the_scrape_reads_by_index_but_for_two_counts(session):
             for table in rows:
                 scans[table] += any(f"Seq Scan on {table}" in line for line in plan)
     assert scans == {"charges": 1, "notifications": 1, "change_requests": 0, "refunds": 0}
+
+
+def test_payments_taken_back_at_the_psp_are_counted_by_kind(scraper, session):
+    from jobs import audit
+    from jobs.reversals import ACTION, ACTOR
+
+    for kind in ("chargeback", "chargeback", "refund"):
+        audit.record(session, actor=ACTOR, action=ACTION, target_type="charge", target_id="1", details={"kind": kind})
+    audit.record(session, actor="ana", action="charge.retry", target_type="charge", target_id="1")
+    session.commit()
+
+    families = scraper.scrape()
+    assert value(families, "renova_charge_reversals_reported", kind="chargeback") == 2
+    assert value(families, "renova_charge_reversals_reported", kind="refund") == 1

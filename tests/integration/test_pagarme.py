@@ -34,7 +34,8 @@ from jobs.billing_day import run_day
 from jobs.boletos import record_gateway_event
 from jobs.context import runtime
 from models.boleto import barcode_from_digitable_line, parse_digitable_line
-from models.schema import Boleto, GatewayEvent, Invoice, Subscription
+from models.money import format_brl
+from models.schema import AuditEvent, Boleto, Charge, GatewayEvent, Invoice, Refund, Subscription
 from tests.integration.conftest import serve_api, wait_until
 from tests.integration.factories import make_organization, make_subscription, noon, seed_plans
 from tests.integration.gateway_fixtures import SandboxGateway
@@ -352,11 +353,16 @@ def test_a_paid_boleto_webhook_is_verified_then_checked_with_the_api(
         assert event.type == "pagarme:charge.paid" and event.processed_at is not None
 
         # Pagar.me delivering it again (the same hook id) changes nothing.
-        [delivery] = [d for d in emulator.webhooks() if d["event_id"] == paid["event_id"]]
-        body = json.dumps(delivery["event"]).encode()
-        signature = pagarme_webhooks.sign(emulator_signing_key(emulator), "renova-emulator-1", body)
-        resent = post(api_url, delivery["event"], emulator, **{pagarme_webhooks.SIGNATURE_HEADER: signature})
+        resent = redeliver(api_url, emulator, paid["event_id"])
         assert resent.status_code == 200 and resent.json()["status"] == "duplicate"
+
+
+def redeliver(api_url: str, emulator: SandboxGateway, event_id: str) -> httpx.Response:
+    """Pagar.me delivering a webhook it already delivered: the same body, signed again."""
+    [delivery] = [d for d in emulator.webhooks() if d["event_id"] == event_id]
+    body = json.dumps(delivery["event"]).encode()
+    signature = pagarme_webhooks.sign(emulator_signing_key(emulator), "renova-emulator-1", body)
+    return post(api_url, delivery["event"], emulator, **{pagarme_webhooks.SIGNATURE_HEADER: signature})
 
 
 def emulator_signing_key(emulator: SandboxGateway) -> Any:
@@ -462,3 +468,155 @@ def test_a_card_update_takes_a_pagarme_customer_and_card() -> None:
     assert CardUpdate(**card, token="cus_Xy7Qm2Lp9Rt4Vw1B/card_Ab12Cd34Ef56Gh78").token.startswith("cus_")
     with pytest.raises(ValidationError):
         CardUpdate(**card, token="cus_Xy7Qm2Lp9Rt4Vw1B card_Ab12Cd34Ef56Gh78")
+
+
+# --- card payments taken back at Pagar.me: chargebacks, refunds made outside Renova ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "canceled_amount", "expected", "reversed_cents"),
+    [
+        ("paid", 0, "paid", 0),
+        ("paid", 1000, "refunded", 1000),  # a partial refund leaves the charge `paid`
+        ("canceled", 4990, "refunded", 4990),
+        ("chargedback", 0, "chargedback", 4990),
+        ("failed", 0, "other", 0),
+    ],
+)
+def test_a_card_charge_is_read_as_refunded_or_charged_back(
+    status: str, canceled_amount: int, expected: str, reversed_cents: int
+) -> None:
+    charge = order(status, {"transaction_type": "credit_card", "status": "captured"})["charges"][0]
+    charge["canceled_amount"] = canceled_amount
+    seen: list[httpx.Request] = []
+    state = answering(200, charge, seen).card_charge_state("ch_K3nR8wPq2vLx9TzA")
+    assert (state.status, state.reversed_cents, state.amount_cents) == (expected, reversed_cents, 4990)
+    assert [(request.method, request.url.path) for request in seen] == [("GET", "/core/v5/charges/ch_K3nR8wPq2vLx9TzA")]
+
+
+def test_a_boleto_or_an_unreadable_answer_is_not_a_card_charge_state() -> None:
+    boleto = order("paid", {"transaction_type": "boleto"}, method="boleto")["charges"][0]
+    with pytest.raises(Unavailable):  # a lookup: nothing was done, the event is retried
+        answering(200, boleto).card_charge_state("ch_K3nR8wPq2vLx9TzA")
+    with pytest.raises(Unavailable):
+        answering(503, {"message": "down"}).card_charge_state("ch_K3nR8wPq2vLx9TzA")
+
+
+def paid_card_charge(session: Any, gateway: PagarmeGateway) -> Charge:
+    from tests.integration.test_changes import payload, setup_organization, submit
+
+    setup_organization(session)
+    session.commit()
+    request = submit(session, gateway, payload("subscribe", product="conecta", cycle="monthly",
+                                                payment_method="card"), date(2027, 3, 10))  # fmt: skip
+    assert request.status == "applied", request.error_message
+    charge = session.scalars(select(Charge)).one()
+    assert charge.status == "succeeded" and charge.gateway_id.startswith("ch_")
+    return charge
+
+
+def reported(session: Any) -> list[AuditEvent]:
+    from jobs.reversals import ACTION
+
+    session.expire_all()
+    return list(session.scalars(select(AuditEvent).where(AuditEvent.action == ACTION).order_by(AuditEvent.id)))
+
+
+def test_a_chargeback_is_put_in_front_of_on_call_once(
+    session: Any, worker: object, pagarme: PagarmeGateway, emulator: SandboxGateway, api_url: str
+) -> None:
+    from jobs.reversals import count_reported
+
+    charge = paid_card_charge(session, pagarme)
+    with emulator.configured(webhook_url=f"{api_url}/v1/webhooks/pagarme"):
+        charged_back = emulator.chargeback(charge.gateway_id)
+        assert charged_back["charge"]["status"] == "chargedback"
+        wait_until(lambda: len(reported(session)) == 1)
+        [event] = reported(session)
+        assert (event.actor, event.target_type, event.target_id) == ("gateway", "charge", str(charge.id))
+        assert event.reason == f"chargeback de {format_brl(charge.amount_cents)} na cobrança {charge.gateway_id}"
+        assert event.details["kind"] == "chargeback" and event.details["reversed_cents"] == charge.amount_cents
+        assert event.details["refunded_by_renova_cents"] == 0 and event.details["invoice_id"] == charge.invoice_id
+        stored = session.scalars(select(GatewayEvent).where(GatewayEvent.event_id == charged_back["event_id"])).one()
+        assert stored.type == "pagarme:charge.chargedback" and stored.processed_at is not None
+
+        # Pagar.me sending it again, or another event about the same charge: reported once.
+        resent = redeliver(api_url, emulator, charged_back["event_id"])
+        assert resent.status_code == 200 and resent.json()["status"] == "duplicate"
+    other = {"id": "hook_cbupdate00001", "type": "charge.updated", "data": {"id": charge.gateway_id}}
+    session.add(GatewayEvent(event_id=other["id"], type="pagarme:charge.updated", payload=other))
+    session.commit()
+    now = noon(date(2027, 4, 2))
+    outcome = record_gateway_event(session, other["id"], now=now, config=runtime().config, gateway=pagarme)
+    session.commit()
+    assert outcome == "already_reported" and len(reported(session)) == 1
+    assert count_reported(session) == {"chargeback": 1, "refund": 0}
+
+    # On-call sees it in the subscription's timeline (`renova charges show`).
+    from jobs.charge_review import timeline
+
+    invoice = session.get_one(Invoice, charge.invoice_id)
+    seen = [entry for entry in timeline(session, invoice.subscription_id) if entry.kind == event.action]
+    assert [(entry.actor, entry.reason) for entry in seen] == [("gateway", event.reason)]
+
+    # Nothing else changes by itself: whether to contest, write off or end is on-call's decision.
+    assert invoice.status == "paid"
+    assert session.get_one(Subscription, invoice.subscription_id).status == "active"
+
+
+def stored_event(session: Any, hook_id: str, charge: Charge) -> str:
+    event = {"id": hook_id, "type": "charge.partial_canceled", "data": {"id": charge.gateway_id}}
+    session.add(GatewayEvent(event_id=hook_id, type="pagarme:charge.partial_canceled", payload=event))
+    session.commit()
+    return hook_id
+
+
+def test_renovas_own_refunds_are_not_reported_a_refund_made_elsewhere_is(
+    session: Any, pagarme: PagarmeGateway, emulator: SandboxGateway
+) -> None:
+    from jobs.refunds import execute_refund
+
+    charge = paid_card_charge(session, pagarme)
+    invoice = session.get_one(Invoice, charge.invoice_id)
+    now = noon(date(2027, 3, 20))
+
+    def record(hook_id: str) -> str:
+        outcome = record_gateway_event(
+            session, stored_event(session, hook_id, charge), now=now, config=runtime().config, gateway=pagarme
+        )
+        session.commit()
+        return outcome
+
+    # Renova refunds R$ 10,00 itself: in flight (pending), then done; neither is a reversal.
+    subscription = session.get_one(Subscription, invoice.subscription_id)
+    own = Refund(subscription_id=subscription.id, organization_id=subscription.organization_id,
+                 charge_id=charge.id, method="card", amount_cents=1000, reason="teste")  # fmt: skip
+    session.add(own)
+    session.commit()
+    pagarme.refund(charge.gateway_id, 1000, f"refund:{own.id}")  # at Pagar.me, answer not recorded yet
+    assert record("hook_ownrefund0001") == "unchanged"
+    assert execute_refund(session, pagarme, own.id, now=now) == "succeeded"
+    assert record("hook_ownrefund0002") == "unchanged"
+
+    # Someone refunds R$ 5,00 more in Pagar.me's dashboard.
+    pagarme.refund(charge.gateway_id, 500, "dashboard-refund-1")
+    assert record("hook_dashboard0001") == "reversed_refund"
+    assert record("hook_dashboard0002") == "already_reported"
+    [event] = reported(session)
+    assert event.reason == f"estorno de {format_brl(500)} feito fora do Renova na cobrança {charge.gateway_id}"
+    assert (event.details["reversed_cents"], event.details["refunded_by_renova_cents"]) == (1500, 1000)
+
+    # And the rest later: a new state, reported again.
+    pagarme.refund(charge.gateway_id, charge.amount_cents - 1500, "dashboard-refund-2")
+    assert record("hook_dashboard0003") == "reversed_refund"
+    assert [e.details["reversed_cents"] for e in reported(session)] == [1500, charge.amount_cents]
+    assert session.get_one(Invoice, charge.invoice_id).status == "paid"
+
+
+def test_a_declined_charges_event_is_ignored(session: Any, pagarme: PagarmeGateway) -> None:
+    charge = paid_card_charge(session, pagarme)
+    charge.status = "failed"  # as if this attempt had been declined
+    session.commit()
+    hook = stored_event(session, "hook_declined00001", charge)
+    now = noon(date(2027, 3, 20))
+    assert record_gateway_event(session, hook, now=now, config=runtime().config, gateway=pagarme) == "ignored"

@@ -176,6 +176,9 @@ def test_the_alerts_fire_on_the_series_they_are_meant_for(tmp_path: Path):
                     # Today's run 2 h 1 min late and not done; an unknown charge 31 minutes old.
                     series("renova_billing_today_run_late_seconds", "7260+60x20"),
                     series("renova_charges_unreconciled_oldest_age_seconds", "1860+60x20"),
+                    # A chargeback reported after 30 minutes; no refund made outside Renova.
+                    series("renova_charge_reversals_reported", "0x29 1x1500", kind="chargeback"),
+                    series("renova_charge_reversals_reported", "2x1530", kind="refund"),
                 ],
                 "alert_rule_test": [
                     firing(
@@ -237,6 +240,24 @@ def test_the_alerts_fire_on_the_series_they_are_meant_for(tmp_path: Path):
                         "was recorded 34m 0s ago and the janitor has not resolved it: the customer may have been "
                         "charged.",
                     ),
+                    silent("RenovaPaymentTakenBackAtPSP", "29m"),
+                    firing(
+                        "RenovaPaymentTakenBackAtPSP",
+                        "30m",
+                        {"severity": "warning", "kind": "chargeback", **WEB},
+                        "A card payment was taken back at the PSP (chargeback)",
+                        "1 card payment(s) taken back at the PSP in the last day (chargeback): Renova still "
+                        "counts that money as received (renova audit list --action charge.reversed_at_gateway).",
+                    ),
+                    firing(
+                        "RenovaPaymentTakenBackAtPSP",
+                        "1460m",
+                        {"severity": "warning", "kind": "chargeback", **WEB},
+                        "A card payment was taken back at the PSP (chargeback)",
+                        "1 card payment(s) taken back at the PSP in the last day (chargeback): Renova still "
+                        "counts that money as received (renova audit list --action charge.reversed_at_gateway).",
+                    ),
+                    silent("RenovaPaymentTakenBackAtPSP", "1480m"),
                     silent("RenovaPostgresDown", "3m"),
                     silent("RenovaNoWorkerHeartbeat", "3m"),
                     silent("RenovaMetricsAbsent", "20m"),
