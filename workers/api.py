@@ -60,14 +60,64 @@ RETRY_AFTER_SECONDS = 5
 EVENT_TYPE_LENGTH = 64
 
 
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(key) or _has_nul(item) for key, item in value.items())
-    if isinstance(value, list):
-        return any(_has_nul(item) for item in value)
-    return False
+MAX_EVENT_DEPTH = 32  # a gateway's events nest a few levels; deeper is not an event
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # and jsonb cannot hold it
+
+
+def webhook_event(body: bytes, *, data_id: bool = False) -> tuple[str, str, dict[str, Any]]:
+    """A gateway event's `id`, `type` and body: a JSON object with string `id` (1–128 characters) and
+    `type` (1–64) and an object `data` (with a string `id` of 1–128 when `data_id`), no NUL, NaN or
+    Infinity (PostgreSQL's jsonb holds neither) and no deeper than MAX_EVENT_DEPTH. ValueError if not."""
+    try:
+        event = json.loads(body, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("nested too deep") from None
+    if not isinstance(event, dict):
+        raise ValueError("not an object")
+    event_id, event_type, data = event.get("id"), event.get("type"), event.get("data")
+    if not (isinstance(event_id, str) and 0 < len(event_id) <= EVENT_ID_LENGTH):
+        raise ValueError("no id")
+    if not (isinstance(event_type, str) and 0 < len(event_type) <= EVENT_TYPE_LENGTH):
+        raise ValueError("no type")
+    if not isinstance(data, dict):
+        raise ValueError("no data")
+    if data_id and not (isinstance(data.get("id"), str) and 0 < len(data["id"]) <= EVENT_ID_LENGTH):
+        raise ValueError("no data.id")
+    _check_values(event)
+    return event_id, event_type, event
+
+
+def _check_values(event: dict[str, Any]) -> None:
+    """No NUL anywhere (keys included), no deeper than MAX_EVENT_DEPTH; iterative, so no depth can crash it."""
+    pending: list[tuple[Any, int]] = [(event, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                raise ValueError("a NUL character")
+        elif isinstance(value, dict | list):
+            if depth > MAX_EVENT_DEPTH:
+                raise ValueError("nested too deep")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str) and "\x00" in key:
+                    raise ValueError("a NUL character")
+                pending.append((item, depth + 1))
+
+
+def _invalid_event(expected: str) -> HTTPException:
+    return HTTPException(
+        status.HTTP_400_BAD_REQUEST,
+        detail={
+            "code": "invalid_event",
+            "message": f"expected {expected}: id (at most {EVENT_ID_LENGTH} characters), type (at most "
+            f"{EVENT_TYPE_LENGTH}) and data, as a JSON object without NUL, NaN or Infinity, at most "
+            f"{MAX_EVENT_DEPTH} levels deep",
+        },
+    )
 
 
 @webhooks.post(
@@ -77,7 +127,8 @@ def _has_nul(value: Any) -> bool:
         400: {
             "model": ErrorBody,
             "description": "invalid_signature (Renova-Signature missing, wrong or stale) or invalid_event "
-            "(not {id, type, data}, an id over 128 or a type over 64 characters, a NUL); nothing is stored",
+            "(not a JSON object {id, type, data}: string id of 1-128 and type of 1-64 characters, object "
+            "data; no NUL, NaN or Infinity; at most 32 levels deep); nothing is stored",
         }
     },
 )
@@ -97,21 +148,9 @@ async def gateway_webhook(
             status.HTTP_400_BAD_REQUEST, detail={"code": "invalid_signature", "message": str(exc)}
         ) from None
     try:
-        event = json.loads(body)
-        event_id, event_type = str(event["id"]), str(event["type"])
-        if not (0 < len(event_id) <= EVENT_ID_LENGTH and 0 < len(event_type) <= EVENT_TYPE_LENGTH):
-            raise ValueError("id or type too long")
-        if _has_nul(event):
-            raise ValueError("a NUL character")  # PostgreSQL's jsonb cannot hold it
-    except (ValueError, KeyError, TypeError):
-        raise HTTPException(
-            status.HTTP_400_BAD_REQUEST,
-            detail={
-                "code": "invalid_event",
-                "message": f"expected {{id (at most {EVENT_ID_LENGTH} characters), type (at most "
-                f"{EVENT_TYPE_LENGTH}), data}}, without NUL characters",
-            },
-        ) from None
+        event_id, event_type, event = webhook_event(body)
+    except ValueError:
+        raise _invalid_event("{id, type, data}") from None
     return _store_gateway_event(session, event_id, event_type, event)
 
 
@@ -139,7 +178,11 @@ def _store_gateway_event(session: Session, event_id: str, event_type: str, event
     "/pagarme",
     status_code=status.HTTP_200_OK,
     responses={
-        400: {"model": ErrorBody, "description": "invalid_event (not {id, type, data: {id}}); nothing is stored"},
+        400: {
+            "model": ErrorBody,
+            "description": "invalid_event (not a JSON object {id, type, data: {id}}: string ids of 1-128 and "
+            "type of 1-64 characters; no NUL, NaN or Infinity; at most 32 levels deep); nothing is stored",
+        },
         401: {
             "model": ErrorBody,
             "description": "invalid_signature (X-Webhook-Asymmetric-Signature missing or wrong) or "
@@ -189,23 +232,9 @@ async def pagarme_webhook(
                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             ) from None
     try:
-        event = json.loads(body)
-        event_id, event_type = str(event["id"]), str(event["type"])
-        if not isinstance(event["data"], dict) or not str(event["data"]["id"]):
-            raise ValueError("no data.id")
-        if not (0 < len(event_id) <= EVENT_ID_LENGTH and 0 < len(event_type) <= EVENT_TYPE_LENGTH):
-            raise ValueError("id or type too long")
-        if _has_nul(event):
-            raise ValueError("a NUL character")
-    except (ValueError, KeyError, TypeError):
-        raise HTTPException(
-            status.HTTP_400_BAD_REQUEST,
-            detail={
-                "code": "invalid_event",
-                "message": f"expected Pagar.me's {{id (at most {EVENT_ID_LENGTH} characters), type (at most "
-                f"{EVENT_TYPE_LENGTH}), data: {{id}}}}, without NUL characters",
-            },
-        ) from None
+        event_id, event_type, event = webhook_event(body, data_id=True)
+    except ValueError:
+        raise _invalid_event("Pagar.me's {id, type, data: {id}}") from None
     return _store_gateway_event(session, event_id, f"pagarme:{event_type}", event)
 
 

@@ -168,6 +168,28 @@ def test_a_signed_webhook_with_fields_the_database_cannot_hold_is_a_400(client: 
     assert session.scalar(select(func.count()).select_from(GatewayEvent)) == 0
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"id": "evt_3", "type": "boleto.paid", "data": {"boleto_id": "bol_1", "amount_cents": NaN}}',
+        b'{"id": "evt_4", "type": "boleto.paid", "data": {"amount_cents": Infinity}}',
+        b'{"id": "evt_5", "type": "boleto.paid", "data": {"x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}}",
+        b'{"id": "evt_6", "type": "boleto.paid", "data": {"x": ' + b"[" * 40 + b"]" * 40 + b"}}",
+        b'{"id": 7, "type": "boleto.paid", "data": {}}',
+        b'{"id": "evt_8", "type": ["boleto.paid"], "data": {}}',
+        b'{"id": "evt_9", "type": "boleto.paid"}',
+        b'{"id": "evt_10", "type": "boleto.paid", "data": "bol_1"}',
+        b"[]",
+        b"",
+    ],
+)
+def test_a_signed_webhook_that_is_not_an_event_is_a_400(client: TestClient, session, body: bytes) -> None:
+    signature = sign(WEBHOOK_SECRET, body, int(time.time()))
+    response = client.post("/v1/webhooks/gateway", content=body, headers={"Renova-Signature": signature})
+    assert_envelope(response, 400, "invalid_event")
+    assert session.scalar(select(func.count()).select_from(GatewayEvent)) == 0
+
+
 def test_authentication_comes_before_the_body(client: TestClient) -> None:
     for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}):
         response = client.post(

@@ -620,3 +620,41 @@ def test_a_declined_charges_event_is_ignored(session: Any, pagarme: PagarmeGatew
     hook = stored_event(session, "hook_declined00001", charge)
     now = noon(date(2027, 3, 20))
     assert record_gateway_event(session, hook, now=now, config=runtime().config, gateway=pagarme) == "ignored"
+
+
+ODD_BODIES = {
+    "NaN": b'{"id": "hook_odd000000001", "type": "charge.paid", "data": {"id": "ch_1", "amount": NaN}}',
+    "Infinity": b'{"id": "hook_odd000000002", "type": "charge.paid", "data": {"id": "ch_1", "amount": -Infinity}}',
+    "deep": b'{"id": "hook_odd000000003", "type": "charge.paid", "data": {"id": "ch_1", "x": '
+    + b"[" * 100_000
+    + b"]" * 100_000
+    + b"}}",
+    "id a number": b'{"id": 12, "type": "charge.paid", "data": {"id": "ch_1"}}',
+    "id true": b'{"id": true, "type": "charge.paid", "data": {"id": "ch_1"}}',
+    "type an object": b'{"id": "hook_odd000000004", "type": {"a": 1}, "data": {"id": "ch_1"}}',
+    "data.id an object": b'{"id": "hook_odd000000005", "type": "charge.paid", "data": {"id": {"a": "ch_1"}}}',
+    "data.id empty": b'{"id": "hook_odd000000006", "type": "charge.paid", "data": {"id": ""}}',
+    "data.id too long": b'{"id": "hook_odd000000007", "type": "charge.paid", "data": {"id": "' + b"c" * 200 + b'"}}',
+    "NUL in a key": b'{"id": "hook_odd000000008", "type": "charge.paid", "data": {"id": "ch_1", "\\u0000": 1}}',
+    "not UTF-8": b'{"id": "hook_odd000000009", "type": "charge.paid", "data": {"id": "\xff"}}',
+    "a list": b'[{"id": "hook_odd000000010"}]',
+    "empty": b"",
+}
+
+
+@pytest.mark.parametrize("name", list(ODD_BODIES))
+def test_odd_signed_bodies_are_refused_with_a_400_and_nothing_is_stored(
+    name: str, session: Any, emulator: SandboxGateway, api_url: str
+) -> None:
+    body = ODD_BODIES[name]
+    signature = pagarme_webhooks.sign(emulator_signing_key(emulator), "renova-emulator-1", body)
+    answer = httpx.post(
+        f"{api_url}/v1/webhooks/pagarme",
+        content=body,
+        auth=(emulator.webhook_username, emulator.webhook_password),
+        headers={"Content-Type": "application/json", pagarme_webhooks.SIGNATURE_HEADER: signature},
+        timeout=30,
+    )
+    assert answer.status_code == 400, answer.text
+    assert error_code(answer) == "invalid_event"
+    assert session.scalar(select(GatewayEvent.id)) is None
