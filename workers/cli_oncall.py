@@ -235,6 +235,7 @@ def _print_detail(detail: ChargeDetail) -> None:
     attempts = Table(title="Attempts of the invoice")
     for column in ("try", "id", "status", "amount", "card", "made", "resolved", "code", "next retry"):
         attempts.add_column(column, no_wrap=True)
+    attempts.add_column("gateway id", overflow="fold")  # what the PSP's dashboard and webhooks call it
     attempts.add_column("gateway message", overflow="fold")
     for attempt in detail.attempts:
         attempts.add_row(
@@ -247,6 +248,7 @@ def _print_detail(detail: ChargeDetail) -> None:
             _when(attempt.resolved_at),
             (attempt.gateway_code or "") + (" (hard)" if attempt.hard_decline else ""),
             _day(attempt.next_retry_on),
+            attempt.gateway_id or "—",
             attempt.gateway_message or "",
         )
     console.print(attempts)

@@ -71,6 +71,7 @@ def test_review_and_retry_a_declined_charge(session, billing_gateway, sandbox_ga
     for expected in ("Attempts of the invoice", f"Invoice {invoice_id}", "past_due", "Timeline", "charge_failed"):
         assert expected in shown.stdout, expected
     assert "@" not in shown.stdout  # no e-mail address, ever
+    assert declined.gateway_id and declined.gateway_id in shown.stdout.replace("\n", "").replace("│", "")
     missing = renova("charges", "show", "999999999")
     assert missing.returncode == 2 and "no charge 999999999" in missing.stdout
 
