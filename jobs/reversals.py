@@ -16,6 +16,7 @@ from typing import Final
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from gateways.base import Gateway
 from jobs import audit
 from models.money import format_brl
 from models.schema import AuditEvent, Charge, Invoice, Refund
@@ -27,7 +28,7 @@ ACTION: Final = "charge.reversed_at_gateway"
 ACTOR: Final = "gateway"
 
 
-def record_reported_card_charge(session: Session, charge: Charge, gateway: object, *, now: datetime) -> str:
+def record_reported_card_charge(session: Session, charge: Charge, gateway: Gateway | None, *, now: datetime) -> str:
     """A webhook named one of Renova's card charges: ask the gateway whether money went back and, if
     more went back than Renova refunded itself, report it once per state the gateway shows."""
     if charge.status != ChargeStatus.SUCCEEDED or charge.gateway_id is None:
