@@ -88,7 +88,7 @@ def test_the_pdf_is_a_febraban_boleto_that_scans(session, billing_gateway, api_c
     from PIL import Image
 
     with Image.open(page) as image:
-        dark = sum(1 for value in image.convert("L").getdata() if value < 128)
+        dark = sum(1 for value in image.convert("L").tobytes() if value < 128)
         assert dark > image.width * image.height * 0.01  # not a blank page
     scanned = subprocess.run([zbarimg, "-q", str(page)], capture_output=True, text=True, timeout=60).stdout.splitlines()
     assert f"I2/5:{boleto.barcode}" in scanned  # the barcode is the boleto's 44 digits…
