@@ -658,3 +658,23 @@ def test_odd_signed_bodies_are_refused_with_a_400_and_nothing_is_stored(
     assert answer.status_code == 400, answer.text
     assert error_code(answer) == "invalid_event"
     assert session.scalar(select(GatewayEvent.id)) is None
+
+
+def test_the_emulator_charges_back_a_paid_card_charge_once(
+    session: Any, pagarme: PagarmeGateway, emulator: SandboxGateway
+) -> None:
+    charge = paid_card_charge(session, pagarme)
+    emulator.chargeback(charge.gateway_id)
+    assert pagarme.card_charge_state(charge.gateway_id).status == "chargedback"
+    for charge_id, status in ((charge.gateway_id, 409), ("ch_doesnotexist0001", 404)):
+        with pytest.raises(httpx.HTTPStatusError) as refused:
+            emulator.chargeback(charge_id)
+        assert refused.value.response.status_code == status
+    # Pagar.me shows the order of a charged-back charge as paid: it was paid, then disputed.
+    [found] = httpx.get(
+        f"{emulator.url}/core/v5/orders",
+        params={"code": charge.idempotency_key},
+        auth=(emulator.api_key, ""),
+        timeout=10,
+    ).json()["data"]
+    assert found["status"] == "paid" and found["charges"][0]["status"] == "chargedback"
