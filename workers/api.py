@@ -19,6 +19,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateways.webhooks import InvalidSignature, verify
 from jobs.contract import MAX_ID, ChangeRequestIn, NameText, PlainText
@@ -597,10 +598,12 @@ def _plan_invalid(exc: PlanError) -> HTTPException:
 
 
 def _unknown_product(product: str) -> HTTPException:
-    return HTTPException(
-        status.HTTP_404_NOT_FOUND,
-        detail={"code": "unknown_product", "message": f"Nenhum preço cadastrado para o produto {product!r}."},
-    )
+    from jobs.plans import PRODUCT_PATTERN
+
+    # A name no product can have (a NUL, 5,000 characters) is not echoed back.
+    named = f"o produto {product!r}" if PRODUCT_PATTERN.match(product) else "esse produto"
+    message = f"Nenhum preço cadastrado para {named}."
+    return HTTPException(status.HTTP_404_NOT_FOUND, detail={"code": "unknown_product", "message": message})
 
 
 @contract.put(
@@ -653,6 +656,10 @@ def get_plans(session: SessionDep, settings: Settings = Depends(get_settings)) -
 @contract.get("/plans/{product}", response_model=PriceListOut, tags=["plans"], responses={404: {"model": ErrorBody}})
 def get_plan(product: str, session: SessionDep, settings: Settings = Depends(get_settings)) -> PriceListOut:
     """A product's prices in force today, per billing cycle, and the changes scheduled after today."""
+    from jobs.plans import PRODUCT_PATTERN
+
+    if not PRODUCT_PATTERN.match(product):
+        raise _unknown_product(product)  # no product has such a name (and PostgreSQL refuses a NUL)
     prices = _price_list_out(session, product, _business_today(session, settings))
     if not prices.prices:
         raise _unknown_product(product)
@@ -661,6 +668,13 @@ def get_plan(product: str, session: SessionDep, settings: Settings = Depends(get
 
 v1.include_router(contract)
 v1.include_router(reads)
+
+
+PLAIN_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+def _plain_error(status_code: int, message: str) -> dict[str, str]:
+    return {"code": PLAIN_ERROR_CODES.get(status_code, "error"), "message": message}
 
 
 def create_app() -> FastAPI:
@@ -754,9 +768,10 @@ def create_app() -> FastAPI:
         body, content_type = scrape(source, settings)
         return Response(body, media_type=content_type)
 
-    @app.exception_handler(HTTPException)
-    async def error_body(request: Request, exc: HTTPException) -> JSONResponse:
-        detail = exc.detail if isinstance(exc.detail, dict) else {"code": "error", "message": str(exc.detail)}
+    # Starlette's own: the router's 404 (no such path) and 405 (no such method) answer the envelope too.
+    @app.exception_handler(StarletteHTTPException)
+    async def error_body(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, dict) else _plain_error(exc.status_code, str(exc.detail))
         return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
 
     app.include_router(webhooks)

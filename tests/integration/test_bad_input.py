@@ -244,3 +244,16 @@ def test_numbers_that_are_not_card_numbers_stay(client: TestClient) -> None:
 def test_the_webhook_documents_its_refusals(client: TestClient) -> None:
     answers = client.get("/openapi.json").json()["paths"]["/v1/webhooks/gateway"]["post"]["responses"]
     assert answers["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
+
+
+def test_no_such_route_or_method_answers_the_error_envelope(client: TestClient) -> None:
+    assert_envelope(client.get("/v1/nothing-here"), 404, "not_found")
+    assert_envelope(client.get("/v1/subscriptions"), 404, "not_found")
+    assert_envelope(client.delete("/v1/plans/conecta"), 405, "method_not_allowed")
+
+
+@pytest.mark.parametrize("product", ["%00", "x" * 300, "CONECTA", "cone%0Acta"])
+def test_a_product_no_product_can_be_named_is_unknown_and_not_echoed(client: TestClient, product: str) -> None:
+    response = client.get(f"/v1/plans/{product}")
+    assert_envelope(response, 404, "unknown_product")
+    assert response.json()["error"]["message"] == "Nenhum preço cadastrado para esse produto."
