@@ -25,6 +25,7 @@ from workers.cli_common import (
     console,
     current_now,
     fail,
+    id_argument,
     use_environment,
     wire,
 )
@@ -795,7 +796,7 @@ def refunds_list(
 
 @refunds_app.command("mark-paid")
 def refunds_mark_paid(
-    refund_id: int = typer.Argument(..., help="The payout's id (see `renova refunds list --status pending`)."),
+    refund_id: int = id_argument("The payout's id (see `renova refunds list --status pending`)."),
     reference: str = typer.Option(..., help="The bank transfer's reference (kept on the refund)."),
     reason: str = typer.Option(..., help="Why / how it was paid (kept in the audit log)."),
     actor: str = typer.Option(os.environ.get("USER", "operator"), help="Who paid it (audit log)."),

@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from workers.cli_common import actor_name, console, current_now, fail, wire
+from workers.cli_common import actor_name, console, current_now, fail, id_argument, wire
 
 attention_app = typer.Typer(
     no_args_is_help=True,
@@ -50,7 +50,7 @@ def attention_list(kind: str | None = typer.Option(None, "--kind", help=f"Only t
 @attention_app.command("retry")
 def attention_retry(
     kind: str = typer.Argument(..., help=KIND_HELP),
-    row_id: int = typer.Argument(..., metavar="ID", help="The row's id, as `renova attention list` shows it."),
+    row_id: int = id_argument("The row's id, as `renova attention list` shows it.", metavar="ID"),
     reason: str = typer.Option(..., help="Why it can be retried now (kept in the audit log)."),
     actor: str | None = typer.Option(None, help="Who retries it (audit log); default: the login name."),
 ) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from datetime import date, datetime
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import dramatiq.errors
 import redis
@@ -14,9 +14,16 @@ import sqlalchemy.exc
 import typer
 from rich.console import Console
 
+from jobs.contract import MAX_ID
 from workers.settings import get_settings
 
 console = Console()
+
+
+def id_argument(help: str = "", metavar: str | None = None) -> Any:
+    """A required row id, or a list of them when the parameter is a list: 1 to MAX_ID (a bigint), so
+    a larger number is refused with typer's readable message instead of by the database."""
+    return typer.Argument(..., min=1, max=MAX_ID, help=help, metavar=metavar)
 
 
 def use_environment(env: dict[str, str]) -> None:

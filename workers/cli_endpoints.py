@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import typer
 from rich.table import Table
 
-from workers.cli_common import actor_name, console, fail, wire
+from workers.cli_common import actor_name, console, fail, id_argument, wire
 from workers.settings import get_settings
 
 endpoints_app = typer.Typer(
@@ -105,7 +105,7 @@ def _set_enabled(endpoint_id: int, enabled: bool, reason: str, actor: str | None
 
 @endpoints_app.command("disable")
 def endpoints_disable(
-    endpoint_id: int = typer.Argument(...),
+    endpoint_id: int = id_argument(),
     reason: str = typer.Option(..., "--reason", help=REASON_HELP),
     actor: str | None = typer.Option(None, help="Who (audit log; default: your login name)."),
 ) -> None:
@@ -115,7 +115,7 @@ def endpoints_disable(
 
 @endpoints_app.command("enable")
 def endpoints_enable(
-    endpoint_id: int = typer.Argument(...),
+    endpoint_id: int = id_argument(),
     reason: str = typer.Option(..., "--reason", help=REASON_HELP),
     actor: str | None = typer.Option(None, help="Who (audit log; default: your login name)."),
 ) -> None:
@@ -125,7 +125,7 @@ def endpoints_enable(
 
 @endpoints_app.command("deliveries")
 def endpoints_deliveries(
-    endpoint_id: int = typer.Argument(...),
+    endpoint_id: int = id_argument(),
     status: str | None = typer.Option(None, "--status", help="pending, delivered or failed."),
     limit: int = typer.Option(50, "--limit", min=1, max=1_000),
 ) -> None:
@@ -167,7 +167,7 @@ def endpoints_deliveries(
 
 @endpoints_app.command("redeliver")
 def endpoints_redeliver(
-    delivery_ids: list[int] = typer.Argument(..., help="Delivery ids (from `renova endpoints deliveries`)."),
+    delivery_ids: list[int] = id_argument("Delivery ids (from `renova endpoints deliveries`)."),
     reason: str = typer.Option(..., "--reason", help=REASON_HELP),
     actor: str | None = typer.Option(None, help="Who (audit log; default: your login name)."),
 ) -> None:

@@ -16,7 +16,8 @@ from zoneinfo import ZoneInfo
 import typer
 from rich.table import Table
 
-from workers.cli_common import actor_name, console, current_now, fail, wire
+from jobs.contract import MAX_ID
+from workers.cli_common import actor_name, console, current_now, fail, id_argument, wire
 from workers.settings import get_settings
 
 if TYPE_CHECKING:
@@ -161,7 +162,9 @@ def charges_list(
     since: str | None = typer.Option(None, help="Attempts made on or after this date (YYYY-MM-DD or dd/mm/yyyy)."),
     until: str | None = typer.Option(None, help="Attempts made on or before this date."),
     code: str | None = typer.Option(None, "--code", help="The gateway's decline code, e.g. insufficient_funds."),
-    organization: int | None = typer.Option(None, "--organization", help="Only this organization's id."),
+    organization: int | None = typer.Option(
+        None, "--organization", min=1, max=MAX_ID, help="Only this organization's id."
+    ),
     limit: int = typer.Option(50, "--limit", min=1, max=1000, help="How many, newest first."),
     offset: int = typer.Option(0, "--offset", min=0, help="Skip this many (the next page)."),
 ) -> None:
@@ -211,7 +214,7 @@ def charges_list(
 
 
 @charges_app.command("show")
-def charges_show(charge_id: int = typer.Argument(..., help="The charge's id (see `renova charges list`).")) -> None:
+def charges_show(charge_id: int = id_argument("The charge's id (see `renova charges list`).")) -> None:
     """One attempt in full: every attempt of its invoice, the invoice, the subscription, and the
     subscription's timeline (ledger, notices, change requests, audit events)."""
     wire()
@@ -305,7 +308,7 @@ def _gateway() -> Any:
 
 @charges_app.command("retry")
 def charges_retry(
-    charge_id: int = typer.Argument(..., help="A failed charge: its invoice gets a new attempt now."),
+    charge_id: int = id_argument("A failed charge: its invoice gets a new attempt now."),
     reason: str = typer.Option(..., help=REASON_HELP),
     actor: str | None = typer.Option(None, help=ACTOR_HELP),
 ) -> None:
@@ -344,7 +347,7 @@ def charges_retry(
 
 @charges_app.command("reconcile")
 def charges_reconcile(
-    charge_id: int = typer.Argument(..., help="An unknown charge, or one pending for over 2 minutes."),
+    charge_id: int = id_argument("An unknown charge, or one pending for over 2 minutes."),
     reason: str = typer.Option(..., help=REASON_HELP),
     actor: str | None = typer.Option(None, help=ACTOR_HELP),
 ) -> None:
@@ -382,7 +385,7 @@ def charges_reconcile(
 
 @invoices_app.command("uncollectible")
 def invoices_uncollectible(
-    invoice_id: int = typer.Argument(..., help="An open, past-due invoice."),
+    invoice_id: int = id_argument("An open, past-due invoice."),
     reason: str = typer.Option(..., help=REASON_HELP),
     actor: str | None = typer.Option(None, help=ACTOR_HELP),
 ) -> None:

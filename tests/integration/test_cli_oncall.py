@@ -188,3 +188,25 @@ def test_dead_letters_delete(session, broker):
     assert broker.client.hlen("dramatiq:billing.XQ.msgs") == 0
     assert "no dead letters" in renova("dead-letters", "list").stdout
     assert audit_rows(session) == [("bia", "dead_letter.delete", message.message_id, "fixed by hand")]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("charges", "show"),
+        ("charges", "retry", "{id}", "--reason", "x"),
+        ("invoices", "uncollectible", "{id}", "--reason", "x"),
+        ("refunds", "mark-paid", "{id}", "--reference", "TED 1", "--reason", "x"),
+        ("attention", "retry", "gateway_event", "{id}", "--reason", "x"),
+        ("endpoints", "redeliver", "1", "{id}", "--reason", "x"),
+        ("charges", "list", "--organization", "{id}"),
+    ],
+)
+def test_an_id_no_row_can_have_is_refused_by_the_cli(session, command: tuple[str, ...]) -> None:
+    for bad in ("0", str(2**63)):
+        args = [part.replace("{id}", bad) for part in command]
+        if "{id}" not in command:
+            args.append(bad)
+        refused = renova(*args)
+        assert refused.returncode == 2, output(refused)
+        assert "is not in the range" in output(refused) and "Traceback" not in output(refused)
