@@ -305,3 +305,42 @@ def test_the_event_deliveries_are_watched_and_resent_from_the_console(console_se
     assert delivery.status == "pending"
     event = session.scalars(select(AuditEvent).where(AuditEvent.action == "event_delivery.redeliver")).one()
     assert (event.actor, event.reason) == ("ops@renova.example", "app de volta")
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "status"),
+    [
+        ("/console/subscriptions", {"q": "#99999999999999999999"}, 200),
+        ("/console/subscriptions", {"q": "99999999999999999999"}, 200),
+        ("/console/subscriptions", {"q": "acme\x00"}, 200),
+        ("/console/subscriptions", {"q": "x" * 5000}, 200),
+        ("/console/change-requests", {"organization": "99999999999999999999"}, 200),
+        ("/console/change-requests", {"kind": "ca\x00ncel", "status": "pend\x00ing"}, 200),
+        ("/console/change-requests", {"since": "2027-02-30", "until": "\x00"}, 200),
+        ("/console/subscriptions/99999999999999999999", {}, 404),
+        ("/console/charges/99999999999999999999", {}, 404),
+        ("/console/change-requests/0", {}, 404),
+        ("/console/runs/2027-02-30", {}, 404),
+    ],
+)
+def test_odd_lookups_find_nothing_and_never_fail(console_server: Console, path: str, params: dict, status: int) -> None:
+    client = logged_in(console_server, "ops@renova.example", "viewer")
+    answer = client.get(path, params=params)
+    assert answer.status_code == status, answer.text[:300]
+    if status == 404:
+        assert "Não encontrado" in answer.text
+
+
+def test_a_filter_no_row_can_match_finds_nothing_instead_of_everything(console_server: Console, session) -> None:
+    from jobs.changes.recording import record_change_request
+    from tests.integration.test_changes import payload, setup_organization
+
+    setup_organization(session)
+    session.commit()
+    recorded = record_change_request(session, payload("cancel", 1), source="api", now=datetime.now(UTC))
+    session.commit()
+    client = logged_in(console_server, "ops@renova.example", "viewer")
+    link = "/console/change-requests/"
+    assert link in client.get("/console/change-requests").text, recorded
+    for params in ({"organization": "99999999999999999999"}, {"kind": "can\x00cel"}, {"status": "pend\x00ing"}):
+        assert link not in client.get("/console/change-requests", params=params).text, params

@@ -7,6 +7,8 @@ from __future__ import annotations
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse, Response
 
 from workers.console.auth import Forbidden, LoginRequired
@@ -23,6 +25,13 @@ def mount_console(app: FastAPI, settings: Settings) -> None:
     async def _login_first(request: Request, _: LoginRequired) -> Response:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         return RedirectResponse(f"/console/login?next={quote(target, safe='')}", status_code=303)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_address(request: Request, exc: RequestValidationError) -> Response:
+        if not request.url.path.startswith("/console"):
+            return await request_validation_exception_handler(request, exc)
+        message = "Esse endereço não leva a nada: confira o número na barra de endereços."
+        return page(request, "error.html", {"title": "Não encontrado", "message": message}, status_code=404)
 
     @app.exception_handler(Forbidden)
     async def _forbidden(request: Request, exc: Forbidden) -> Response:

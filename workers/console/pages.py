@@ -7,10 +7,11 @@ from datetime import UTC, date, datetime
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, Form, Request
+from fastapi import APIRouter, Depends, Form, Path, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy.orm import Session
 
+from jobs.contract import MAX_ID
 from workers.console.auth import COOKIE, ActingUserDep, ConsoleUser, FormUserDep, UserDep, session_cookie
 from workers.console.views import datahora, page
 from workers.db import get_session
@@ -18,6 +19,8 @@ from workers.settings import Settings, get_settings
 
 router = APIRouter(prefix="/console", include_in_schema=False, default_response_class=HTMLResponse)
 SessionDep = Annotated[Session, Depends(get_session)]
+# A row's id in a path: a number no row can have is a "not found" page (mount_console), not a database error.
+RowId = Annotated[int, Path(ge=1, le=MAX_ID)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
@@ -129,7 +132,7 @@ def subscriptions(request: Request, session: SessionDep, user: UserDep, q: str =
 
 
 @router.get("/subscriptions/{subscription_id}")
-def subscription(request: Request, session: SessionDep, user: UserDep, subscription_id: int) -> Response:
+def subscription(request: Request, session: SessionDep, user: UserDep, subscription_id: RowId) -> Response:
     from jobs.lookups import masked_payload, subscription_record
 
     record = subscription_record(session, subscription_id)
@@ -179,7 +182,7 @@ def change_requests(
 
 
 @router.get("/change-requests/{change_request_id}")
-def change_request(request: Request, session: SessionDep, user: UserDep, change_request_id: int) -> Response:
+def change_request(request: Request, session: SessionDep, user: UserDep, change_request_id: RowId) -> Response:
     from jobs.lookups import masked_payload
     from models.schema import ChangeRequest
 
@@ -331,7 +334,7 @@ def charges(
 
 
 @router.get("/charges/{charge_id}")
-def charge(request: Request, session: SessionDep, user: UserDep, charge_id: int) -> Response:
+def charge(request: Request, session: SessionDep, user: UserDep, charge_id: RowId) -> Response:
     from jobs.charge_review import OnCallError, charge_detail
 
     try:
@@ -354,7 +357,7 @@ def _on_call_action(path: str, action: Any) -> Response:
 
 @router.post("/charges/{charge_id}/retry")
 def retry_charge(
-    session: SessionDep, user: ActingUserDep, charge_id: int, reason: Annotated[str, Form()] = ""
+    session: SessionDep, user: ActingUserDep, charge_id: RowId, reason: Annotated[str, Form()] = ""
 ) -> Response:
     from jobs.charge_actions import enqueue_retry, retry_charge_now
     from jobs.context import runtime
@@ -371,7 +374,7 @@ def retry_charge(
 
 @router.post("/charges/{charge_id}/reconcile")
 def reconcile_charge(
-    session: SessionDep, user: ActingUserDep, charge_id: int, reason: Annotated[str, Form()] = ""
+    session: SessionDep, user: ActingUserDep, charge_id: RowId, reason: Annotated[str, Form()] = ""
 ) -> Response:
     from jobs.charge_actions import reconcile_now
     from jobs.context import runtime
@@ -388,7 +391,7 @@ def reconcile_charge(
 
 @router.post("/charges/{charge_id}/uncollectible")
 def uncollectible(
-    session: SessionDep, user: ActingUserDep, charge_id: int, reason: Annotated[str, Form()] = ""
+    session: SessionDep, user: ActingUserDep, charge_id: RowId, reason: Annotated[str, Form()] = ""
 ) -> Response:
     from jobs.charge_actions import mark_uncollectible
     from jobs.charge_review import charge_row
@@ -447,7 +450,7 @@ def refunds(request: Request, session: SessionDep, user: UserDep, status: str = 
 def refund_paid(
     session: SessionDep,
     user: ActingUserDep,
-    refund_id: int,
+    refund_id: RowId,
     reference: Annotated[str, Form()] = "",
     reason: Annotated[str, Form()] = "",
 ) -> Response:
@@ -475,7 +478,7 @@ def attention(request: Request, session: SessionDep, user: UserDep) -> Response:
 
 @router.post("/attention/{kind}/{row_id}/retry")
 def attention_retry(
-    session: SessionDep, user: ActingUserDep, kind: str, row_id: int, reason: Annotated[str, Form()] = ""
+    session: SessionDep, user: ActingUserDep, kind: str, row_id: RowId, reason: Annotated[str, Form()] = ""
 ) -> Response:
     """Put a parked row back in play: one more attempt now (its message is sent after the commit)."""
     from jobs.work_attempts import AttentionError, retry_now
@@ -517,7 +520,7 @@ def endpoints_page(
 
 @router.post("/endpoints/deliveries/{delivery_id}/redeliver")
 def redeliver_delivery(
-    session: SessionDep, user: ActingUserDep, delivery_id: int, reason: Annotated[str, Form()] = ""
+    session: SessionDep, user: ActingUserDep, delivery_id: RowId, reason: Annotated[str, Form()] = ""
 ) -> Response:
     from jobs.clock import wall_clock
     from jobs.event_delivery import redeliver
