@@ -344,3 +344,22 @@ def test_a_filter_no_row_can_match_finds_nothing_instead_of_everything(console_s
     assert link in client.get("/console/change-requests").text, recorded
     for params in ({"organization": "99999999999999999999"}, {"kind": "can\x00cel"}, {"status": "pend\x00ing"}):
         assert link not in client.get("/console/change-requests", params=params).text, params
+
+
+def test_a_form_with_a_nul_is_refused_and_changes_nothing(console_server: Console, session):
+    from models.schema import Refund
+
+    seed_plans(session)
+    organization = make_organization(session, 7, name="Acme")
+    subscription = make_subscription(session, organization, anchor=date(2027, 1, 10), cycle="monthly", method="card")
+    refund = Refund(subscription_id=subscription.id, organization_id=7, method="payout", amount_cents=1234)
+    session.add(refund)
+    session.commit()
+    client = logged_in(console_server, "ops@renova.example")
+    token = csrf_of(client, "/console/refunds")
+    for data in ({"reference": "TED\x00 123", "reason": "transferido"}, {"reference": "TED 123", "reason": "pa\x00go"}):
+        refused = client.post(f"/console/refunds/{refund.id}/paid", data={"csrf_token": token, **data})
+        assert refused.status_code == 400 and "Texto inválido" in refused.text, refused.text[:300]
+    session.expire_all()
+    assert session.get(Refund, refund.id).status == "pending"
+    assert session.scalars(select(AuditEvent.action).where(AuditEvent.target_type == "refund")).all() == []

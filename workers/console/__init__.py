@@ -11,7 +11,7 @@ from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse, Response
 
-from workers.console.auth import Forbidden, LoginRequired
+from workers.console.auth import BadForm, Forbidden, LoginRequired
 from workers.console.views import page
 from workers.settings import Settings
 
@@ -32,6 +32,11 @@ def mount_console(app: FastAPI, settings: Settings) -> None:
             return await request_validation_exception_handler(request, exc)
         message = "Esse endereço não leva a nada: confira o número na barra de endereços."
         return page(request, "error.html", {"title": "Não encontrado", "message": message}, status_code=404)
+
+    @app.exception_handler(BadForm)
+    async def _bad_form(request: Request, _: BadForm) -> Response:
+        message = "O formulário tem um caractere de controle (NUL) que não pode ser guardado: nada foi feito."
+        return page(request, "error.html", {"title": "Texto inválido", "message": message}, status_code=400)
 
     @app.exception_handler(Forbidden)
     async def _forbidden(request: Request, exc: Forbidden) -> Response:

@@ -28,6 +28,19 @@ class LoginRequired(Exception):
     """No valid session: the console redirects to its login page."""
 
 
+class BadForm(Exception):
+    """A form field holds a NUL: no text Renova keeps can (PostgreSQL refuses it), so nothing is done."""
+
+
+async def refuse_nul_in_forms(request: Request) -> None:
+    """Every console form, before anything else reads it (starlette keeps the parsed form for them)."""
+    if request.method != "POST":
+        return
+    form = await request.form()
+    if any(isinstance(value, str) and "\x00" in value for _, value in form.multi_items()):
+        raise BadForm()
+
+
 class Forbidden(Exception):
     """Logged in, but not allowed: a viewer acting, or a form without its CSRF token."""
 

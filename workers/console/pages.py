@@ -12,12 +12,25 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy.orm import Session
 
 from jobs.contract import MAX_ID
-from workers.console.auth import COOKIE, ActingUserDep, ConsoleUser, FormUserDep, UserDep, session_cookie
+from workers.console.auth import (
+    COOKIE,
+    ActingUserDep,
+    ConsoleUser,
+    FormUserDep,
+    UserDep,
+    refuse_nul_in_forms,
+    session_cookie,
+)
 from workers.console.views import datahora, page
 from workers.db import get_session
 from workers.settings import Settings, get_settings
 
-router = APIRouter(prefix="/console", include_in_schema=False, default_response_class=HTMLResponse)
+router = APIRouter(
+    prefix="/console",
+    include_in_schema=False,
+    default_response_class=HTMLResponse,
+    dependencies=[Depends(refuse_nul_in_forms)],
+)
 SessionDep = Annotated[Session, Depends(get_session)]
 # A row's id in a path: a number no row can have is a "not found" page (mount_console), not a database error.
 RowId = Annotated[int, Path(ge=1, le=MAX_ID)]
