@@ -670,7 +670,7 @@ v1.include_router(contract)
 v1.include_router(reads)
 
 
-PLAIN_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
+PLAIN_ERROR_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
 
 
 def _plain_error(status_code: int, message: str) -> dict[str, str]:

@@ -257,3 +257,10 @@ def test_a_product_no_product_can_be_named_is_unknown_and_not_echoed(client: Tes
     response = client.get(f"/v1/plans/{product}")
     assert_envelope(response, 404, "unknown_product")
     assert response.json()["error"]["message"] == "Nenhum preço cadastrado para esse produto."
+
+
+def test_a_body_nested_past_the_parsers_limit_is_an_invalid_request(client: TestClient) -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    headers = {"Content-Type": "application/json", "Idempotency-Key": "deep-1"}
+    assert_envelope(client.post("/v1/change-requests", content=deep, headers=headers), 400, "invalid_request")
+    assert_envelope(client.put("/v1/organizations/1", content=deep, headers=headers), 400, "invalid_request")
