@@ -12,7 +12,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from models.schema import AuditEvent
+from models.schema import AuditEvent, Refund
 from tests.integration.console_fixtures import PASSWORD, Console, add_operator
 from tests.integration.factories import CNPJ, make_organization, make_subscription, seed_plans
 
@@ -178,15 +178,19 @@ def test_a_change_request_shows_its_parameters_with_the_card_token_masked(consol
     assert "tok_visa_4242_secret" not in detail.text and "…cret" in detail.text
 
 
-def test_on_call_closes_a_payout_with_its_reference(console_server: Console, session):
-    from models.schema import Refund
-
+def pending_payout(session) -> Refund:
+    """A payout of R$ 12,34 waiting for on-call, of organization 7's subscription."""
     seed_plans(session)
     organization = make_organization(session, 7, name="Acme")
     subscription = make_subscription(session, organization, anchor=date(2027, 1, 10), cycle="monthly", method="card")
     refund = Refund(subscription_id=subscription.id, organization_id=7, method="payout", amount_cents=1234)
     session.add(refund)
     session.commit()
+    return refund
+
+
+def test_on_call_closes_a_payout_with_its_reference(console_server: Console, session):
+    refund = pending_payout(session)
     client = logged_in(console_server, "ops@renova.example")
     listed = client.get("/console/refunds")
     assert "R$\xa012,34" in listed.text or "R$ 12,34" in listed.text
@@ -347,14 +351,7 @@ def test_a_filter_no_row_can_match_finds_nothing_instead_of_everything(console_s
 
 
 def test_a_form_with_a_nul_is_refused_and_changes_nothing(console_server: Console, session):
-    from models.schema import Refund
-
-    seed_plans(session)
-    organization = make_organization(session, 7, name="Acme")
-    subscription = make_subscription(session, organization, anchor=date(2027, 1, 10), cycle="monthly", method="card")
-    refund = Refund(subscription_id=subscription.id, organization_id=7, method="payout", amount_cents=1234)
-    session.add(refund)
-    session.commit()
+    refund = pending_payout(session)
     client = logged_in(console_server, "ops@renova.example")
     token = csrf_of(client, "/console/refunds")
     for data in ({"reference": "TED\x00 123", "reason": "transferido"}, {"reference": "TED 123", "reason": "pa\x00go"}):
