@@ -13,6 +13,7 @@ ACTOR_MODULES: tuple[str, ...] = (
     "jobs.notifications",
     "jobs.payments",
     "jobs.boletos",
+    "jobs.gateway_events",
     "jobs.billing_day",
     "jobs.tick",
     "jobs.changes",

@@ -22,11 +22,11 @@ from sqlalchemy.orm import Session
 import jobs
 from jobs import clock
 from jobs.billing_day import claim_run, run_billing_day
-from jobs.boletos import process_gateway_event
 from jobs.changes import pending_change_request_ids, process_change_request
 from jobs.context import BillingConfig, current_session, runtime
 from jobs.event_delivery import deliver_events, due_deliveries
 from jobs.events import forget_old_events
+from jobs.gateway_events import process_gateway_event
 from jobs.notifications import enqueue_delivery, pending_notification_ids
 from jobs.outbox import send_after_commit
 from jobs.payments import claim_unresolved_charges, reconcile_charges

@@ -80,7 +80,7 @@ KINDS: Final[dict[str, WorkKind]] = {
             GatewayEvent,
             GatewayEvent.processed_at.is_(None),
             GatewayEvent.event_id,
-            "jobs.boletos:process_gateway_event",
+            "jobs.gateway_events:process_gateway_event",
         ),
         WorkKind(
             NOTIFICATION,

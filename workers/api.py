@@ -157,7 +157,7 @@ async def gateway_webhook(
 
 def _store_gateway_event(session: Session, event_id: str, event_type: str, event: dict[str, Any]) -> dict[str, str]:
     """Store an authenticated gateway event once by its id and hand it to the `payments` queue."""
-    from jobs.boletos import process_gateway_event
+    from jobs.gateway_events import process_gateway_event
     from jobs.outbox import send_after_commit
     from models.schema import GatewayEvent
 

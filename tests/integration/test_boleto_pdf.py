@@ -132,7 +132,7 @@ def test_the_boleto_issued_e_mail_carries_the_pdf_and_the_pix_code(session, bill
 
 
 def test_a_pix_payment_on_a_sunday_pays_the_invoice_that_day(session, billing_gateway, sandbox_gateway):
-    from jobs.boletos import record_gateway_event
+    from jobs.gateway_events import record_gateway_event
 
     boleto = issued(session, billing_gateway)
     sunday = date(2028, 3, 5)

@@ -31,8 +31,8 @@ from gateways.base import (
 )
 from gateways.pagarme import DECLINES, PagarmeGateway, card_reference
 from jobs.billing_day import run_day
-from jobs.boletos import record_gateway_event
 from jobs.context import runtime
+from jobs.gateway_events import record_gateway_event
 from models.boleto import barcode_from_digitable_line, parse_digitable_line
 from models.money import format_brl
 from models.schema import AuditEvent, Boleto, Charge, GatewayEvent, Invoice, Refund, Subscription

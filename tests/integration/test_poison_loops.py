@@ -18,11 +18,11 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from jobs import clock
-from jobs.boletos import process_gateway_event
 from jobs.changes import process_change_request, record_change_request
 from jobs.changes.outcome import HANDLERS
 from jobs.context import BillingConfig, bind_session, runtime
 from jobs.errors import PermanentError, TransientError
+from jobs.gateway_events import process_gateway_event
 from jobs.notifications import notify, send_notification
 from jobs.tick import tick_once
 from jobs.work_attempts import (
