@@ -26,6 +26,8 @@ CLOCK_ID = 1
 AFTER_RUN = timedelta(minutes=1)
 _DURATION = re.compile(r"^\s*(\d+)\s*([mhdw])\s*$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+# Billing adds cycles and lead days to "now": a clock near datetime's end (year 9999) could not.
+LATEST_TEST_CLOCK = datetime(2200, 1, 1, tzinfo=UTC)
 
 
 class ClockRefused(RuntimeError):
@@ -88,6 +90,8 @@ def set_clock(session: Session, instant: datetime, config: BillingConfig) -> Clo
     if instant.tzinfo is None:
         raise ClockInputError("the instant must carry a time zone")
     instant = instant.astimezone(UTC)
+    if instant >= LATEST_TEST_CLOCK:
+        raise ClockInputError(f"the test clock stays before {LATEST_TEST_CLOCK:%Y-%m-%d}: got {instant:%Y-%m-%d}")
     statement = insert(ClockSetting).values(id=CLOCK_ID, now=instant)
     session.execute(
         statement.on_conflict_do_update(
@@ -106,6 +110,8 @@ def advance_clock(session: Session, delta: timedelta, config: BillingConfig) -> 
         raise ClockInputError("the clock only moves forward: give a positive duration")
     current = session.scalar(select(ClockSetting.now).where(ClockSetting.id == CLOCK_ID).with_for_update())
     start = wall_clock() if current is None else current.astimezone(UTC)
+    if delta >= LATEST_TEST_CLOCK - start:
+        raise ClockInputError(f"the test clock stays before {LATEST_TEST_CLOCK:%Y-%m-%d}: {delta} more would pass it")
     return set_clock(session, start + delta, config)
 
 
@@ -125,11 +131,14 @@ def parse_instant(text: str, timezone: str, run_at: time) -> datetime:
             local = datetime.combine(day, run_at, tzinfo=zone) + AFTER_RUN
             return local.astimezone(UTC)
         parsed = datetime.fromisoformat(value)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise ClockInputError(f"{text!r} is not a date YYYY-MM-DD or a date and time YYYY-MM-DDTHH:MM") from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=zone)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # the last hours of year 9999 in UTC
+        raise ClockInputError(f"{text!r} is out of range") from None
 
 
 def parse_duration(text: str) -> timedelta:
@@ -137,4 +146,7 @@ def parse_duration(text: str) -> timedelta:
     match = _DURATION.match(text)
     if match is None or int(match.group(1)) == 0:
         raise ClockInputError(f"{text!r} is not a duration: use a positive number and m, h, d or w, e.g. 1d, 12h, 2w")
-    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    except OverflowError:
+        raise ClockInputError(f"{text!r} is too long a duration") from None

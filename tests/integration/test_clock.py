@@ -91,6 +91,10 @@ def test_bad_input_is_refused_and_changes_nothing(session):
         (("advance", "1y"), "is not a duration"),
         (("advance", "0d"), "is not a duration"),
         (("advance", "soon"), "is not a duration"),
+        (("advance", "99999999999d"), "too long a duration"),
+        (("advance", "9000000w"), "stays before 2200-01-01"),
+        (("set", "9999-12-31T23:59"), "out of range"),
+        (("set", "2200-01-01"), "stays before 2200-01-01"),
     ):
         result = renova("clock", *args)
         assert result.returncode == 2, (args, result.stdout + result.stderr)
