@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from jobs.filters import can_match
 from models.schema import AuditEvent
 
 
@@ -63,6 +64,8 @@ def list_audit(
     prefix (`charge` finds `charge.retry` and `charge.reconcile`); `since` is an instant."""
     if limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
+    if not can_match(texts=[actor, action, target_type, target_id]):
+        return []
     query = select(AuditEvent)
     if actor is not None:
         query = query.where(AuditEvent.actor == actor)

@@ -19,6 +19,7 @@ from sqlalchemy import ColumnElement, Select, false, func, or_, select
 from sqlalchemy.orm import Session
 
 from jobs.context import BillingConfig
+from jobs.filters import can_match
 from jobs.payments import STALE_PENDING
 from models.schema import (
     AuditEvent,
@@ -283,6 +284,8 @@ def list_charges(
         raise OnCallError("invalid_offset", f"offset must not be negative, got {offset}")
     if since is not None and until is not None and until < since:
         raise OnCallError("invalid_dates", f"until ({until.isoformat()}) is before since ({since.isoformat()})")
+    if not can_match(texts=[decline_code, *(statuses or ())], ids=[organization_id]):
+        return []
     query = _charge_rows().where(_status_condition(list(statuses or REVIEW_STATUSES), now))
     if since is not None:
         query = query.where(Charge.created_at >= local_midnight(since, timezone))

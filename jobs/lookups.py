@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import Select, func, or_, select
 from sqlalchemy.orm import Session, selectinload
 
-from jobs.contract import MAX_ID
+from jobs.filters import can_match
 from models.schema import (
     ChangeRequest,
     Invoice,
@@ -51,8 +51,8 @@ def search_subscriptions(session: Session, term: str, *, limit: int = 50) -> lis
     """By organization id, subscription id (`#12`), CPF/CNPJ (with or without punctuation) or a part
     of the organization's name."""
     term = term.strip()
-    if "\x00" in term:
-        return []  # no name or document holds one (and PostgreSQL refuses it)
+    if not can_match(texts=[term]):
+        return []
     query: Select[Any] = (
         select(Subscription, Organization)
         .join(Organization, Organization.id == Subscription.organization_id)
@@ -60,13 +60,13 @@ def search_subscriptions(session: Session, term: str, *, limit: int = 50) -> lis
         .limit(limit)
     )
     if term.startswith("#") and term[1:].isdigit():
-        if not _is_row_id(int(term[1:])):
+        if not can_match(ids=[int(term[1:])]):
             return []
         query = query.where(Subscription.id == int(term[1:]))
     elif term:
         document = re.sub(r"[.\-/\s]", "", term).upper()
         criteria = [Organization.name.ilike(f"%{_escape_like(term)}%"), Organization.document == document]
-        if term.isdigit() and _is_row_id(int(term)):
+        if term.isdigit() and can_match(ids=[int(term)]):
             criteria.append(Organization.id == int(term))
         query = query.where(or_(*criteria))
     return [
@@ -135,9 +135,7 @@ def search_change_requests(
     until: date | None = None,
     limit: int = 100,
 ) -> list[ChangeRequest]:
-    if organization_id is not None and not _is_row_id(organization_id):
-        return []
-    if any("\x00" in value for value in (status or "", kind or "")):
+    if not can_match(texts=[status, kind], ids=[organization_id]):
         return []
     query = select(ChangeRequest).order_by(ChangeRequest.created_at.desc(), ChangeRequest.id.desc()).limit(limit)
     if organization_id is not None:
@@ -151,11 +149,6 @@ def search_change_requests(
     if until is not None:
         query = query.where(func.date(ChangeRequest.created_at) <= until)
     return list(session.scalars(query))
-
-
-def _is_row_id(value: int) -> bool:
-    """A number a row's id can be (PostgreSQL's bigint): anything else finds nothing."""
-    return 0 < value <= MAX_ID
 
 
 def masked_document(document: str | None) -> str | None:

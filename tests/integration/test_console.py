@@ -3,6 +3,7 @@ in, the session cookie, CSRF, roles, and the lookup pages."""
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from datetime import UTC, date, datetime
@@ -10,6 +11,8 @@ from datetime import UTC, date, datetime
 import dramatiq
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import select
 
 from models.schema import AuditEvent, Refund
@@ -17,6 +20,7 @@ from tests.integration.console_fixtures import PASSWORD, Console, add_operator
 from tests.integration.factories import CNPJ, make_organization, make_subscription, seed_plans
 
 pytestmark = pytest.mark.usefixtures("console_server")
+IN_CI = bool(os.environ.get("CI"))
 CNPJ_FORMATTED = f"{CNPJ[:2]}.{CNPJ[2:5]}.{CNPJ[5:8]}/{CNPJ[8:12]}-{CNPJ[12:]}"
 
 
@@ -360,3 +364,33 @@ def test_a_form_with_a_nul_is_refused_and_changes_nothing(console_server: Consol
     session.expire_all()
     assert session.get(Refund, refund.id).status == "pending"
     assert session.scalars(select(AuditEvent.action).where(AuditEvent.target_type == "refund")).all() == []
+
+
+ODD_TEXT = st.one_of(
+    st.text(max_size=40),
+    st.integers(min_value=-(2**70), max_value=2**70).map(str),
+    st.sampled_from(["\x00", "9" * 30, "2027-02-30", "31/02/2027", "%", "_", "'", "#" + "9" * 25, " "]),
+)
+LOOKUPS = {
+    "/console/subscriptions": ("q",),
+    "/console/change-requests": ("organization", "status", "kind", "since", "until"),
+    "/console/dead-letters": ("queue",),
+    "/console/charges": ("status", "since", "until", "code", "organization"),
+    "/console/audit": ("actor", "action", "target"),
+    "/console/refunds": ("status",),
+    "/console/attention": ("kind",),
+    "/console/endpoints": ("endpoint", "status"),
+}
+
+
+@pytest.mark.parametrize("path", list(LOOKUPS))
+def test_lookup_pages_answer_any_filter_without_a_server_error(console_server: Console, path: str) -> None:
+    client = logged_in(console_server, "ops@renova.example", "viewer")
+
+    @given(values=st.fixed_dictionaries({name: ODD_TEXT for name in LOOKUPS[path]}))
+    @settings(max_examples=30, deadline=None, derandomize=IN_CI, database=None, suppress_health_check=list(HealthCheck))
+    def answers(values: dict[str, str]) -> None:
+        answer = client.get(path, params=values)
+        assert answer.status_code in (200, 404), (values, answer.status_code, answer.text[:200])
+
+    answers()
