@@ -97,7 +97,7 @@ def boleto_notice(invoice: Invoice, boleto: Boleto, *, dunning: bool = False) ->
 
 def record_reported_boleto(
     session: Session,
-    gateway_id: str | None,
+    gateway_id: str,
     gateway: Gateway | None,
     *,
     today: date,

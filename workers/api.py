@@ -597,11 +597,9 @@ def _plan_invalid(exc: PlanError) -> HTTPException:
     return HTTPException(422, detail=detail)
 
 
-def _unknown_product(product: str) -> HTTPException:
-    from jobs.plans import PRODUCT_PATTERN
-
-    # A name no product can have (a NUL, 5,000 characters) is not echoed back.
-    named = f"o produto {product!r}" if PRODUCT_PATTERN.match(product) else "esse produto"
+def _unknown_product(product: str | None) -> HTTPException:
+    """None: a name no product can have (a NUL, 5,000 characters), not echoed back."""
+    named = f"o produto {product!r}" if product is not None else "esse produto"
     message = f"Nenhum preço cadastrado para {named}."
     return HTTPException(status.HTTP_404_NOT_FOUND, detail={"code": "unknown_product", "message": message})
 
@@ -659,7 +657,7 @@ def get_plan(product: str, session: SessionDep, settings: Settings = Depends(get
     from jobs.plans import PRODUCT_PATTERN
 
     if not PRODUCT_PATTERN.match(product):
-        raise _unknown_product(product)  # no product has such a name (and PostgreSQL refuses a NUL)
+        raise _unknown_product(None)  # no product has such a name (and PostgreSQL refuses a NUL)
     prices = _price_list_out(session, product, _business_today(session, settings))
     if not prices.prices:
         raise _unknown_product(product)

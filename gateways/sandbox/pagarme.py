@@ -54,7 +54,7 @@ from gateways.sandbox.models import (
 )
 from gateways.sandbox.schema import _SELECT_CHARGE
 from gateways.sandbox.store import Store
-from gateways.sandbox.webhooks import record_delivery
+from gateways.sandbox.webhooks import EventWriter, record_delivery
 from models.boleto import MAX_AMOUNT_CENTS, due_factor
 
 PREFIX = "/core/v5"
@@ -564,7 +564,7 @@ def cancel_charge(
 # --- webhooks -----------------------------------------------------------------------------------------
 
 
-def webhook_writer(config: SandboxConfig) -> Callable[..., str]:
+def webhook_writer(config: SandboxConfig) -> EventWriter:
     """The store's event writer for this flavor: a paid or expired boleto becomes Pagar.me's charge event."""
 
     def write(

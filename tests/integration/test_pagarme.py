@@ -30,15 +30,15 @@ from gateways.base import (
     Unavailable,
 )
 from gateways.pagarme import DECLINES, PagarmeGateway, card_reference
-from jobs.billing_day import run_day
 from jobs.context import runtime
 from jobs.gateway_events import record_gateway_event
 from models.boleto import barcode_from_digitable_line, parse_digitable_line
 from models.money import format_brl
 from models.schema import AuditEvent, Boleto, Charge, GatewayEvent, Invoice, Refund, Subscription
 from tests.integration.conftest import serve_api, wait_until
-from tests.integration.factories import make_organization, make_subscription, noon, seed_plans
+from tests.integration.factories import noon
 from tests.integration.gateway_fixtures import SandboxGateway
+from tests.integration.test_webhooks import issued_boleto
 from workers.settings import Settings, gateway_problems, get_settings
 
 # --- the adapter on Pagar.me's documented answers ----------------------------------------------------------
@@ -322,16 +322,6 @@ def pagarme(emulator: SandboxGateway) -> Iterator[PagarmeGateway]:
     yield gateway
     runtime().gateway_factory = previous
     gateway.close()
-
-
-def issued_boleto(session: Any, gateway: PagarmeGateway) -> tuple[Subscription, Boleto]:
-    seed_plans(session)
-    organization = make_organization(session, card_token=None)
-    subscription = make_subscription(session, organization, cycle="annual", method="boleto", anchor=date(2027, 3, 10))
-    session.commit()
-    issue_day = date(2028, 3, 3)
-    run_day(session, gateway, issue_day, noon(issue_day), runtime().config)
-    return subscription, session.scalars(select(Boleto)).one()
 
 
 def test_a_paid_boleto_webhook_is_verified_then_checked_with_the_api(
